@@ -1,0 +1,1 @@
+"""The HTTP API: validates, inserts, answers.  Sending is the dispatchers' work, never the API's."""

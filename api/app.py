@@ -1,0 +1,53 @@
+"""The application factory: settings in, a ready ``web.Application`` out."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from aiohttp import web
+from aiohttp_apispec import setup_aiohttp_apispec
+
+from api.keys import DSN, METRICS, POOL, PROVIDERS, SETTINGS
+from api.metrics import HttpMetrics
+from api.middlewares import (auth_middleware, deadline_middleware, error_middleware, metrics_middleware,
+                             validation_problem)
+from api.views import VIEWS
+from common.database import create_pool
+from common.providers import build_providers
+from common.settings import Settings
+
+API_VERSION = "1.0.0"
+
+
+async def database_context(app: web.Application) -> AsyncIterator[None]:
+    """Open the pool on start-up, close it on shutdown."""
+    cfg = app[SETTINGS].api
+    app[POOL] = await create_pool(app[DSN], size=cfg.pool_size, statement_timeout=cfg.statement_timeout,
+                                  connect_timeout=min(2.0, cfg.request_deadline))
+    yield
+    app[POOL].close()
+    await app[POOL].wait_closed()
+
+
+def create_app(settings: Settings, dsn: str) -> web.Application:
+    """Build the API for ``settings`` against the database at ``dsn``."""
+    # Outermost first: metrics see the final status; errors become problems; the deadline bounds the rest.
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, deadline_middleware, auth_middleware],
+        client_max_size=settings.api.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[DSN] = dsn
+    app[PROVIDERS] = build_providers(settings)
+    app[METRICS] = HttpMetrics()
+    app.cleanup_ctx.append(database_context)
+    for path, view in VIEWS:
+        app.router.add_view(path, view)
+    setup_aiohttp_apispec(app, title="smsgate", version=API_VERSION, url="/api/docs/swagger.json",
+                          swagger_path="/api/docs", static_path="/api/static/swagger",
+                          error_callback=_raise_validation_problem, in_place=True)
+    return app
+
+
+def _raise_validation_problem(error, *_args, **_kwargs):  # type: ignore[no-untyped-def]
+    """aiohttp-apispec's error callback: the same 422 problem as everywhere else."""
+    raise validation_problem(error)

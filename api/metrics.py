@@ -1,0 +1,29 @@
+"""Request metrics for Prometheus, kept in a registry of the application's own (tests build many apps)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics"]
+
+
+class HttpMetrics:
+    """Count and latency of API requests by method, route and status."""
+
+    def __init__(self) -> None:
+        """Create the collectors in a fresh registry."""
+        self.registry = CollectorRegistry()
+        self.requests = Counter("smsgate_http_requests", "HTTP requests answered.",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("smsgate_http_request_duration_seconds", "Time to answer an HTTP request.",
+                                 ["method", "route"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Record one answered request."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every collector."""
+        return generate_latest(self.registry)

@@ -1,0 +1,177 @@
+"""Marshmallow schemas: every input the API takes and every body it gives, also the source of the OpenAPI doc."""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import uuid
+from typing import Any, Mapping
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+
+from common.domain import TEXT_MAX_LENGTH, TEXT_PATTERN, DeliveryStatus, SendStatus
+from common.phones import InvalidPhone, normalize_phone
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+
+
+class Phone(fields.String):
+    """A phone number in, E.164 out (see :func:`common.phones.normalize_phone`)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> str:
+        """Normalise, or fail with the reason."""
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return normalize_phone(text)
+        except InvalidPhone as exc:
+            raise ValidationError(str(exc)) from exc
+
+
+class Cursor(fields.String):
+    """An opaque paging cursor: the (created_at, id) of the last message of the previous page."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> tuple[dt.datetime, uuid.UUID]:
+        """Decode a cursor made by :func:`encode_cursor`."""
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            if len(text) > 200:
+                raise ValueError("too long")
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+            stamp, _, ident = raw.partition("|")
+            created = dt.datetime.fromisoformat(stamp)
+            if created.tzinfo is None:
+                raise ValueError("no offset")
+            return created, uuid.UUID(ident)
+        except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+            raise ValidationError("Not a valid cursor; use next_cursor from a previous page.") from exc
+
+
+def encode_cursor(created_at: dt.datetime, message_id: uuid.UUID) -> str:
+    """The cursor that continues after the message with this created_at and id."""
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{message_id}".encode()).decode().rstrip("=")
+
+
+class StrictSchema(Schema):
+    """Unknown fields are errors, so a typo never passes silently."""
+
+    class Meta:  # pylint: disable=too-few-public-methods
+        """marshmallow options."""
+
+        unknown = RAISE
+
+
+class MessageCreateSchema(StrictSchema):
+    """The body of ``POST /api/v1/messages``.  ``context["providers"]`` holds the names that may be asked for."""
+
+    phone = Phone(required=True, metadata={"description": "International number; normalised to E.164.",
+                                           "example": "+79991234568"})
+    text = fields.String(required=True, metadata={"description": "1-140 ASCII characters.", "example": "Hello"})
+    provider = fields.String(load_default=None, allow_none=True,
+                             metadata={"description": "A configured provider; left out, the service chooses.",
+                                       "example": "file"})
+
+    @validates("text")
+    def check_text(self, value: str, **_: Any) -> None:
+        """1-140 characters of printable ASCII, tab, newline or carriage return."""
+        if not value:
+            raise ValidationError("Must not be empty.")
+        if len(value) > TEXT_MAX_LENGTH:
+            raise ValidationError(f"Longer than {TEXT_MAX_LENGTH} characters.")
+        if not value.isascii():
+            raise ValidationError("Only ASCII characters are allowed.")
+        if not TEXT_PATTERN.fullmatch(value):
+            raise ValidationError("Control characters other than newline, carriage return and tab are not allowed.")
+
+    @validates("provider")
+    def check_provider(self, value: str | None, **_: Any) -> None:
+        """A configured, enabled provider (or none)."""
+        known = self.context.get("providers", ())
+        if value is not None and value not in known:
+            raise ValidationError(f"Unknown provider; one of: {', '.join(known)}.")
+
+
+class AttemptSchema(Schema):
+    """One attempt to hand a message to a provider."""
+
+    number = fields.Integer(required=True)
+    provider = fields.String(required=True)
+    started_at = fields.AwareDateTime(required=True)
+    finished_at = fields.AwareDateTime(allow_none=True, metadata={"description": "null while under way"})
+    result = fields.String(allow_none=True, validate=validate.OneOf(["ok", "error"]),
+                           metadata={"description": "ok, error, or null while under way"})
+    error = fields.String(allow_none=True)
+
+
+class MessageSchema(Schema):
+    """A message as the API shows it."""
+
+    id = fields.UUID(required=True)
+    phone = fields.String(required=True)
+    text = fields.String(required=True)
+    requested_provider = fields.String(allow_none=True)
+    provider = fields.String(allow_none=True, metadata={"description": "provider of the latest attempt"})
+    send_status = fields.String(required=True, validate=validate.OneOf([s.value for s in SendStatus]))
+    delivery_status = fields.String(required=True, validate=validate.OneOf([s.value for s in DeliveryStatus]))
+    attempts = fields.List(fields.Nested(AttemptSchema), required=True)
+    created_at = fields.AwareDateTime(required=True)
+    sent_at = fields.AwareDateTime(allow_none=True)
+    delivered_at = fields.AwareDateTime(allow_none=True)
+    updated_at = fields.AwareDateTime(required=True)
+
+
+class MessageListQuerySchema(StrictSchema):
+    """Query parameters of ``GET /api/v1/messages``."""
+
+    limit = fields.Integer(load_default=DEFAULT_PAGE, validate=validate.Range(1, MAX_PAGE), strict=False)
+    cursor = Cursor(load_default=None)
+    send_status = fields.String(load_default=None, validate=validate.OneOf([s.value for s in SendStatus]))
+    delivery_status = fields.String(load_default=None,
+                                    validate=validate.OneOf([s.value for s in DeliveryStatus]))
+    phone = Phone(load_default=None)
+
+
+class MessageListSchema(Schema):
+    """A page of the caller's messages, newest first."""
+
+    items = fields.List(fields.Nested(MessageSchema), required=True)
+    next_cursor = fields.String(allow_none=True, required=True,
+                                metadata={"description": "pass as ?cursor= for the next page; null on the last"})
+
+
+class ProviderSchema(Schema):
+    """A configured provider: its settings and what it can do."""
+
+    name = fields.String(required=True)
+    type = fields.String(required=True, metadata={"description": "the implementation"})
+    enabled = fields.Boolean(required=True)
+    max_attempts = fields.Integer(required=True)
+    retry_interval = fields.Float(required=True, metadata={"description": "seconds between attempts"})
+    timeout = fields.Float(required=True, metadata={"description": "seconds one attempt may take"})
+    priority = fields.Integer(required=True)
+    supports_delivery_reports = fields.Boolean(required=True)
+
+
+class ProviderListSchema(Schema):
+    """Every configured provider."""
+
+    items = fields.List(fields.Nested(ProviderSchema), required=True)
+
+
+class StatusSchema(Schema):
+    """A liveness or readiness answer."""
+
+    status = fields.String(required=True)
+
+
+class ProblemSchema(Schema):
+    """An RFC 9457 problem: the body of every non-2xx answer."""
+
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    code = fields.String(required=True, metadata={"description": "stable snake_case word"})
+    errors = fields.Dict(keys=fields.String(), values=fields.Raw(),
+                         metadata={"description": "field -> messages, where fields are at fault"})

@@ -1,0 +1,182 @@
+"""The routes of the contract, one ``web.View`` class each; ``VIEWS`` lists them with their paths."""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import docs, querystring_schema, request_schema, response_schema
+
+from api.keys import METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
+from api.metrics import CONTENT_TYPE_LATEST
+from api.problems import Problem
+from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageListSchema, MessageSchema,
+                         ProblemSchema, ProviderListSchema, StatusSchema, encode_cursor)
+from common import store
+from common.database import connection, ping
+
+MESSAGE_SCHEMA = MessageSchema()
+LIST_SCHEMA = MessageListSchema()
+PROVIDER_LIST_SCHEMA = ProviderListSchema()
+CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+JSON_TYPES = ("application/json",)
+
+
+def _problems(*statuses: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI entries for problem answers."""
+    return {status: {"schema": ProblemSchema, "description": "problem (RFC 9457)"} for status in statuses}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer (marshmallow has already turned values into JSON types)."""
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json",
+                        headers=headers)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 4xx problem saying what is wrong with it."""
+    if request.content_type not in JSON_TYPES:
+        raise Problem(415, "Send the body as application/json.", code="unsupported_media_type")
+    raw = await request.read()  # aiohttp answers 413 past client_max_size
+    if not raw.strip():
+        raise Problem(400, "The request body is empty; send a JSON object.", code="empty_body")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Problem(400, "The request body is not valid UTF-8 JSON.", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise Problem(400, "The request body is nested too deeply.", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise Problem(422, "The request body must be a JSON object.", code="validation_error",
+                      errors={"_schema": ["Expected a JSON object."]})
+    return data
+
+
+def query_params(request: web.Request) -> dict[str, str]:
+    """The query string as a plain mapping; a parameter given twice is a 422 problem."""
+    params: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key in params:
+            raise Problem(422, "Request is invalid.", code="validation_error", errors={key: ["Given more than once."]})
+        params[key] = value
+    return params
+
+
+def message_body(row: dict[str, Any]) -> dict[str, Any]:
+    """The public form of a message row."""
+    body: dict[str, Any] = MESSAGE_SCHEMA.dump(row)
+    return body
+
+
+class MessagesView(web.View):
+    """``/api/v1/messages``: send a message; list the caller's messages."""
+
+    @docs(tags=["messages"], summary="Send an SMS",
+          description="Validates, stores the message as queued and answers at once; dispatchers send it.",
+          responses={201: {"schema": MessageSchema, "description": "the new message"},
+                     **_problems(400, 401, 413, 415, 422, 503)})
+    @request_schema(MessageCreateSchema)
+    async def post(self) -> web.Response:
+        """Validate and insert (one INSERT); the answer carries the new message and its Location."""
+        data = await read_json_object(self.request)
+        names = list(self.request.app[PROVIDERS])
+        fields = MessageCreateSchema(context={"providers": names}).load(data)
+        async with connection(self.request.app[POOL]) as conn:
+            row = await store.insert_message(conn, username=self.request[USERNAME], phone=fields["phone"],
+                                             text=fields["text"], requested_provider=fields["provider"])
+        return json_response(message_body(row), status=201,
+                             headers={"Location": f"/api/v1/messages/{row['id']}"})
+
+    @docs(tags=["messages"], summary="List your messages, newest first",
+          responses={200: {"schema": MessageListSchema, "description": "a page"}, **_problems(401, 422, 503)})
+    @querystring_schema(MessageListQuerySchema)
+    async def get(self) -> web.Response:
+        """A page of the caller's messages, optionally filtered, with a cursor for the next page."""
+        query = MessageListQuerySchema().load(query_params(self.request))
+        limit = query["limit"]
+        async with connection(self.request.app[POOL]) as conn:
+            rows = await store.list_messages(conn, username=self.request[USERNAME], limit=limit + 1,
+                                             before=query["cursor"], send_status=query["send_status"],
+                                             delivery_status=query["delivery_status"], phone=query["phone"])
+        page, more = rows[:limit], len(rows) > limit
+        cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+        return json_response({"items": [message_body(r) for r in page], "next_cursor": cursor})
+
+
+class MessageView(web.View):
+    """``/api/v1/messages/{id}``: one of the caller's messages."""
+
+    @docs(tags=["messages"], summary="A message with its attempts",
+          parameters=[{"in": "path", "name": "id", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+          responses={200: {"schema": MessageSchema, "description": "the message"}, **_problems(401, 404, 503)})
+    async def get(self) -> web.Response:
+        """The message, or 404 when it does not exist or belongs to someone else (never 403: no leak)."""
+        raw_id = self.request.match_info["id"]
+        if not CANONICAL_UUID.fullmatch(raw_id):
+            raise Problem(404, "No such message.", code="message_not_found")
+        async with connection(self.request.app[POOL]) as conn:
+            row = await store.get_message(conn, username=self.request[USERNAME], message_id=uuid.UUID(raw_id))
+        if row is None:
+            raise Problem(404, "No such message.", code="message_not_found")
+        return json_response(message_body(row))
+
+
+class ProvidersView(web.View):
+    """``/api/v1/providers``: every configured provider with its settings and capabilities."""
+
+    @docs(tags=["providers"], summary="Configured providers",
+          responses={200: {"schema": ProviderListSchema, "description": "providers"}, **_problems(401)})
+    async def get(self) -> web.Response:
+        """Settings come from the configuration; capabilities from the implementations."""
+        app = self.request.app
+        built = app[PROVIDERS]
+        items = []
+        for ps in app[SETTINGS].providers:
+            provider = built.get(ps.name)
+            items.append({"name": ps.name, "type": ps.type, "enabled": ps.enabled, "max_attempts": ps.max_attempts,
+                          "retry_interval": ps.retry_interval, "timeout": ps.timeout, "priority": ps.priority,
+                          "supports_delivery_reports": bool(provider and provider.supports_delivery_reports)})
+        return json_response(PROVIDER_LIST_SCHEMA.dump({"items": items}))
+
+
+class HealthView(web.View):
+    """``/health``: the process is alive (no database involved)."""
+
+    @docs(tags=["service"], summary="Liveness", responses={200: {"schema": StatusSchema, "description": "alive"}})
+    @response_schema(StatusSchema)
+    async def get(self) -> web.Response:
+        """Always ok while the process serves requests."""
+        return json_response({"status": "ok"})
+
+
+class ReadyView(web.View):
+    """``/ready``: the database answers."""
+
+    @docs(tags=["service"], summary="Readiness",
+          responses={200: {"schema": StatusSchema, "description": "ready"}, **_problems(503)})
+    async def get(self) -> web.Response:
+        """200 when a query round trip succeeds within the deadline; 503 otherwise (the middlewares say so)."""
+        await ping(self.request.app[POOL])
+        return json_response({"status": "ready"})
+
+
+class MetricsView(web.View):
+    """``/metrics``: Prometheus text format."""
+
+    @docs(tags=["service"], summary="Prometheus metrics")
+    async def get(self) -> web.Response:
+        """The request counters and latency histograms."""
+        body = self.request.app[METRICS].render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+VIEWS: tuple[tuple[str, type[web.View]], ...] = (
+    ("/api/v1/messages", MessagesView),
+    ("/api/v1/messages/{id}", MessageView),
+    ("/api/v1/providers", ProvidersView),
+    ("/health", HealthView),
+    ("/ready", ReadyView),
+    ("/metrics", MetricsView),
+)

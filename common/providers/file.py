@@ -1,0 +1,80 @@
+"""The ``file`` provider: "sends" an SMS by writing it to ``SENT_SMS_DIR/<ISO 8601 datetime>_<phone>.txt``.
+
+Numbers ending in an even digit succeed and count as delivered ``delivery_delay`` seconds (10 by default) after
+sending; numbers ending in an odd digit fail every attempt.  Each success makes exactly one file: the text is
+written and synced under a temporary name first and then hard-linked to its final name, which fails instead of
+overwriting when the name exists, so a burst of sends to one number in the same microsecond moves the later
+ones on by a microsecond each.  Readers never see a half-written file.  The blocking file work runs in a thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.domain import DeliveryStatus
+from common.providers import register
+from common.providers.base import DeliveryReport, Provider, ProviderConfigError, ProviderError, SendReceipt, Sms
+
+MAX_NAME_TRIES = 10_000  # more same-microsecond sends to one number than this is not a burst but a bug
+
+
+class OddNumberRefused(ProviderError):
+    """the file provider refuses numbers that end in an odd digit"""
+
+
+@register("file")
+class FileProvider(Provider):
+    """Writes each SMS to a file of its own; delivery is confirmed a fixed delay after sending."""
+
+    supports_delivery_reports = True
+    delivery_delay = 10.0
+
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Accepts ``delivery_delay`` (seconds, >= 0)."""
+        rest = dict(options)
+        delay = rest.pop("delivery_delay", self.delivery_delay)
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+            raise ProviderConfigError(f"providers.{self.name}.delivery_delay must be a number >= 0, not {delay!r}")
+        self.delivery_delay = float(delay)
+        super().configure(rest)
+
+    async def _send(self, sms: Sms) -> SendReceipt:
+        """Write the file, or refuse an odd number."""
+        if int(sms.phone[-1]) % 2:
+            raise OddNumberRefused()
+        await asyncio.to_thread(write_exclusive, self.context.sent_sms_dir, sms.started_at, sms.phone, sms.text)
+        return SendReceipt(check_delivery_after=self.delivery_delay)
+
+    async def _check_delivery(self, message_id: uuid.UUID, sent_at: dt.datetime,
+                              now: dt.datetime) -> DeliveryReport:
+        """Delivered exactly ``delivery_delay`` seconds after sending, by the database's clock."""
+        delivered_at = sent_at + dt.timedelta(seconds=self.delivery_delay)
+        if now >= delivered_at:
+            return DeliveryReport(DeliveryStatus.DELIVERED, delivered_at=delivered_at)
+        return DeliveryReport(DeliveryStatus.PENDING, check_again_after=(delivered_at - now).total_seconds())
+
+
+def write_exclusive(folder: Path, when: dt.datetime, phone: str, text: str) -> Path:
+    """Write ``text`` to ``folder/<when>_<phone>.txt`` without ever replacing a file; return the path used."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = when.astimezone(dt.timezone.utc)
+    temp = folder / f".{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temp, "x", encoding="ascii", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for _ in range(MAX_NAME_TRIES):
+            final = folder / f"{stamp.isoformat(timespec='microseconds')}_{phone}.txt"
+            try:
+                os.link(temp, final)  # atomic, and fails when the name is taken
+                return final
+            except FileExistsError:
+                stamp += dt.timedelta(microseconds=1)
+        raise ProviderError(f"no free file name after {MAX_NAME_TRIES} tries")
+    finally:
+        temp.unlink(missing_ok=True)

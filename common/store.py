@@ -1,0 +1,264 @@
+"""Every statement smsgate runs, in one place, built with SQLAlchemy Core and compiled once at import.
+
+The API uses the first group (one INSERT per POST, keyset-paged reads scoped to the caller); the dispatchers use
+the second: claim due rows with ``FOR UPDATE SKIP LOCKED``, start attempts, and finish them with writes that
+only apply while the writer still holds the claim (its ``claim_token``), so a dispatcher that lost its lease
+cannot overwrite what another one did.  All times are the database's ``now()``; the processes' clocks are never
+stored.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import aiopg
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+
+from common.database import Query, Row, fetch_all, fetch_one
+from common.domain import AttemptResult, DeliveryStatus, SendStatus
+from common.tables import attempts, messages
+
+m = messages.c
+a = attempts.c
+
+ABANDONED_ERROR = "the dispatcher stopped before the attempt finished"
+MESSAGE_COLUMNS = [m.id, m.username, m.phone, m.text, m.requested_provider, m.provider, m.send_status,
+                   m.delivery_status, m.created_at, m.sent_at, m.delivered_at, m.updated_at]
+ATTEMPT_COLUMNS = [a.message_id, a.number, a.provider, a.started_at, a.finished_at, a.result, a.error]
+
+
+def _later(name: str) -> sa.ColumnElement[Any]:
+    """``now()`` plus the interval parameter ``name`` (a timedelta), or NULL when the parameter is None."""
+    return sa.func.now() + sa.cast(sa.bindparam(name), sa.Interval)
+
+
+def _delta(seconds: float | None) -> dt.timedelta | None:
+    """Seconds as the timedelta that :func:`_later` parameters take."""
+    return None if seconds is None else dt.timedelta(seconds=seconds)
+
+
+# --- the API's statements ---------------------------------------------------------------------------------
+
+INSERT_MESSAGE = Query(
+    sa.insert(messages)
+    .values(username=sa.bindparam("username"), phone=sa.bindparam("phone"), text=sa.bindparam("text"),
+            requested_provider=sa.bindparam("requested_provider"))
+    .returning(*MESSAGE_COLUMNS),
+    "insert_message")
+
+GET_MESSAGE = Query(
+    sa.select(*MESSAGE_COLUMNS)
+    .where(m.id == sa.bindparam("id"), m.username == sa.bindparam("username")),
+    "get_message")
+
+# Keyset paging on (created_at, id), newest first, served by messages_user_created_idx.  Optional filters are
+# written as "param IS NULL OR ...": psycopg2 inlines the values, so the planner folds the unused ones away.
+LIST_MESSAGES = Query(
+    sa.select(*MESSAGE_COLUMNS)
+    .where(
+        m.username == sa.bindparam("username"),
+        sa.or_(sa.bindparam("before_created", type_=sa.DateTime(timezone=True)).is_(None),
+               sa.tuple_(m.created_at, m.id) < sa.tuple_(sa.bindparam("before_created"),
+                                                          sa.bindparam("before_id", type_=UUID(as_uuid=True)))),
+        sa.or_(sa.bindparam("send_status", type_=sa.Text).is_(None), m.send_status == sa.bindparam("send_status")),
+        sa.or_(sa.bindparam("delivery_status", type_=sa.Text).is_(None),
+               m.delivery_status == sa.bindparam("delivery_status")),
+        sa.or_(sa.bindparam("phone", type_=sa.Text).is_(None), m.phone == sa.bindparam("phone")),
+    )
+    .order_by(m.created_at.desc(), m.id.desc())
+    .limit(sa.bindparam("limit")),
+    "list_messages")
+
+ATTEMPTS_OF = Query(
+    sa.select(*ATTEMPT_COLUMNS)
+    .where(a.message_id == sa.any_(sa.bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))))
+    .order_by(a.message_id, a.number),
+    "attempts_of")
+
+
+async def insert_message(conn: aiopg.Connection, *, username: str, phone: str, text: str,
+                         requested_provider: str | None) -> Row:
+    """Store a new queued message and return it (one INSERT; its trigger wakes the dispatchers)."""
+    row = await fetch_one(conn, INSERT_MESSAGE, username=username, phone=phone, text=text,
+                          requested_provider=requested_provider)
+    assert row is not None
+    row["attempts"] = []
+    return row
+
+
+async def get_message(conn: aiopg.Connection, *, username: str, message_id: uuid.UUID) -> Row | None:
+    """The caller's message with its attempts, or None (also when it belongs to someone else)."""
+    row = await fetch_one(conn, GET_MESSAGE, id=message_id, username=username)
+    if row is not None:
+        await _attach_attempts(conn, [row])
+    return row
+
+
+async def list_messages(conn: aiopg.Connection, *, username: str, limit: int,
+                        before: tuple[dt.datetime, uuid.UUID] | None = None, send_status: str | None = None,
+                        delivery_status: str | None = None, phone: str | None = None) -> list[Row]:
+    """Up to ``limit`` of the caller's messages older than ``before``, newest first, with their attempts."""
+    rows = await fetch_all(conn, LIST_MESSAGES, username=username, limit=limit,
+                           before_created=before[0] if before else None, before_id=before[1] if before else None,
+                           send_status=send_status, delivery_status=delivery_status, phone=phone)
+    await _attach_attempts(conn, rows)
+    return rows
+
+
+async def _attach_attempts(conn: aiopg.Connection, rows: list[Row]) -> None:
+    """Fill ``row["attempts"]`` for each row with one query."""
+    by_id: dict[uuid.UUID, list[Row]] = {row["id"]: [] for row in rows}
+    if by_id:
+        for att in await fetch_all(conn, ATTEMPTS_OF, ids=list(by_id)):
+            by_id[att["message_id"]].append(att)
+    for row in rows:
+        row["attempts"] = by_id[row["id"]]
+
+
+# --- the dispatchers' statements --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Claimed:  # pylint: disable=too-many-instance-attributes
+    """A message a dispatcher now holds: for a send attempt (``sending``) or a delivery check (``sent``)."""
+
+    id: uuid.UUID
+    phone: str
+    text: str
+    requested_provider: str | None
+    provider: str | None
+    send_status: SendStatus
+    attempt_count: int
+    sent_at: dt.datetime | None
+    now: dt.datetime
+
+
+@dataclass(frozen=True)
+class Started:
+    """An attempt that has been recorded as started (and so counts, whatever happens next)."""
+
+    message_id: uuid.UUID
+    number: int
+    provider: str
+    started_at: dt.datetime
+
+
+_due = (sa.select(m.id)
+        .where(m.due_at <= sa.func.now())
+        .order_by(m.due_at)
+        .limit(sa.bindparam("batch"))
+        .with_for_update(skip_locked=True)
+        .cte("due"))
+# A due row in 'sending' was held by a dispatcher whose lease ran out (it died or hung): close its open attempt.
+_abandoned = (sa.update(attempts)
+              .where(a.message_id == _due.c.id, a.finished_at.is_(None))
+              .values(finished_at=sa.func.now(), result=AttemptResult.ERROR.value, error=ABANDONED_ERROR)
+              .cte("abandoned"))
+CLAIM_DUE = Query(
+    sa.update(messages)
+    .where(m.id == _due.c.id)
+    .values(claim_token=sa.bindparam("token"), due_at=_later("lease"), updated_at=sa.func.now(),
+            send_status=sa.case((m.send_status == SendStatus.SENT.value, SendStatus.SENT.value),
+                                else_=SendStatus.SENDING.value))
+    .returning(m.id, m.phone, m.text, m.requested_provider, m.provider, m.send_status, m.attempt_count,
+               m.sent_at, sa.func.now().label("now"))
+    .add_cte(_abandoned),
+    "claim_due")
+
+_plan = sa.func.unnest(sa.bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
+                       sa.bindparam("providers", type_=ARRAY(sa.Text))).table_valued("id", "provider").render_derived(name="plan")
+_started = (sa.update(messages)
+            .where(m.id == _plan.c.id, m.claim_token == sa.bindparam("token"))
+            .values(attempt_count=m.attempt_count + 1, provider=_plan.c.provider, updated_at=sa.func.now())
+            .returning(m.id, m.attempt_count, m.provider)
+            .cte("started"))
+START_ATTEMPTS = Query(
+    sa.insert(attempts)
+    .from_select(["message_id", "number", "provider"],
+                 sa.select(_started.c.id, _started.c.attempt_count, _started.c.provider))
+    .returning(a.message_id, a.number, a.provider, a.started_at),
+    "start_attempts")
+
+_finished_message = (
+    sa.update(messages)
+    .where(m.id == sa.bindparam("id"), m.claim_token == sa.bindparam("token"))
+    .values(send_status=sa.bindparam("send_status"), delivery_status=sa.bindparam("delivery_status"),
+            due_at=_later("due_in"), claim_token=None, updated_at=sa.func.now(),
+            sent_at=sa.case((sa.bindparam("send_status") == SendStatus.SENT.value, sa.func.now()),
+                            else_=m.sent_at))
+    .returning(m.id, m.sent_at)
+    .cte("finished_message"))
+_finished_attempt = (
+    sa.update(attempts)
+    .where(a.message_id == _finished_message.c.id, a.number == sa.bindparam("number", type_=sa.Integer),
+           a.finished_at.is_(None))
+    .values(finished_at=sa.func.now(), result=sa.bindparam("result"), error=sa.bindparam("error"))
+    .cte("finished_attempt"))
+FINISH_SEND = Query(
+    sa.select(_finished_message.c.id, _finished_message.c.sent_at).add_cte(_finished_attempt),
+    "finish_send")
+
+FINISH_DELIVERY_CHECK = Query(
+    sa.update(messages)
+    .where(m.id == sa.bindparam("id"), m.claim_token == sa.bindparam("token"),
+           m.delivery_status == DeliveryStatus.PENDING.value)
+    .values(delivery_status=sa.bindparam("delivery_status"), delivered_at=sa.bindparam("delivered_at"),
+            due_at=_later("due_in"), claim_token=None, updated_at=sa.func.now())
+    .returning(m.id),
+    "finish_delivery_check")
+
+SECONDS_UNTIL_DUE = Query(
+    sa.select(sa.extract("epoch", sa.func.min(m.due_at) - sa.func.clock_timestamp()).label("wait"))
+    .where(m.due_at.is_not(None)),
+    "seconds_until_due")
+
+
+async def claim_due(conn: aiopg.Connection, *, token: uuid.UUID, lease: float, batch: int) -> list[Claimed]:
+    """Claim up to ``batch`` due messages for ``lease`` seconds; rows other dispatchers hold are skipped."""
+    rows = await fetch_all(conn, CLAIM_DUE, token=token, lease=_delta(lease), batch=batch)
+    return [Claimed(**{**row, "send_status": SendStatus(row["send_status"])}) for row in rows]
+
+
+async def start_attempts(conn: aiopg.Connection, *, token: uuid.UUID,
+                         plan: Sequence[tuple[uuid.UUID, str]]) -> list[Started]:
+    """Record one new attempt per (message id, provider) in ``plan``, for messages still under ``token``."""
+    if not plan:
+        return []
+    rows = await fetch_all(conn, START_ATTEMPTS, token=token, ids=[p[0] for p in plan],
+                           providers=[p[1] for p in plan])
+    return [Started(**row) for row in rows]
+
+
+async def finish_send(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID,  # noqa: PLR0913
+                      number: int | None, result: AttemptResult | None, error: str | None,
+                      send_status: SendStatus, delivery_status: DeliveryStatus,
+                      due_in: float | None) -> dt.datetime | None | bool:
+    """Close attempt ``number`` and move the message on, only while ``token`` still holds it.
+
+    Returns False when the claim was lost (the write was rejected), else the message's ``sent_at`` (or None).
+    """
+    row = await fetch_one(conn, FINISH_SEND, id=message_id, token=token, number=number,
+                          result=result.value if result else None, error=error, send_status=send_status.value,
+                          delivery_status=delivery_status.value, due_in=_delta(due_in))
+    if row is None:
+        return False
+    sent_at: dt.datetime | None = row["sent_at"]
+    return sent_at
+
+
+async def finish_delivery_check(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID,
+                                delivery_status: DeliveryStatus, delivered_at: dt.datetime | None,
+                                due_in: float | None) -> bool:
+    """Record a delivery check's outcome while ``token`` still holds the message; False when it does not."""
+    row = await fetch_one(conn, FINISH_DELIVERY_CHECK, id=message_id, token=token,
+                          delivery_status=delivery_status.value, delivered_at=delivered_at, due_in=_delta(due_in))
+    return row is not None
+
+
+async def seconds_until_due(conn: aiopg.Connection) -> float | None:
+    """Seconds until the earliest due message by the database's clock (negative: overdue); None: nothing due."""
+    row = await fetch_one(conn, SECONDS_UNTIL_DUE)
+    wait = row["wait"] if row else None
+    return None if wait is None else float(wait)

@@ -1,0 +1,41 @@
+"""SQLAlchemy Core descriptions of the tables in ``schema.sql`` (which stays the one source of the DDL).
+
+Only what statements need is described here: names and types.  Constraints, indexes and triggers live in
+``schema.sql``; ``tests/test_schema.py`` checks that the columns here and there agree.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import UUID
+
+metadata = sa.MetaData()
+
+messages = sa.Table(
+    "messages", metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+    sa.Column("username", sa.Text, nullable=False),
+    sa.Column("phone", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("requested_provider", sa.Text),
+    sa.Column("provider", sa.Text),
+    sa.Column("send_status", sa.Text, nullable=False),
+    sa.Column("delivery_status", sa.Text, nullable=False),
+    sa.Column("attempt_count", sa.Integer, nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True)),
+    sa.Column("claim_token", UUID(as_uuid=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.Column("delivered_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+attempts = sa.Table(
+    "attempts", metadata,
+    sa.Column("message_id", UUID(as_uuid=True), sa.ForeignKey("messages.id"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("provider", sa.Text, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("result", sa.Text),
+    sa.Column("error", sa.Text),
+)

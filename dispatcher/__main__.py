@@ -1,0 +1,48 @@
+"""``python -m dispatcher``: one dispatcher replica, until SIGTERM or Ctrl-C (in-flight sends finish first)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from common.database import create_pool, resolve_dsn
+from common.logs import setup_logging
+from common.providers import ProviderConfigError, build_providers
+from common.settings import Settings, SettingsError, load_settings
+from dispatcher.worker import Dispatcher
+
+log = logging.getLogger("smsgate.dispatcher")
+
+
+async def serve(settings: Settings) -> None:
+    """Run one dispatcher until a stop signal."""
+    dsn = resolve_dsn(settings)
+    providers = build_providers(settings)
+    cfg = settings.dispatcher
+    pool = await create_pool(dsn, size=min(cfg.max_in_flight, 20) + 2, statement_timeout=cfg.statement_timeout)
+    try:
+        dispatcher = Dispatcher(settings, pool, providers, dsn)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, dispatcher.stop)
+        await dispatcher.run()
+    finally:
+        pool.close()
+        await pool.wait_closed()
+
+
+def main() -> int:
+    """Entry point; returns the process's exit status."""
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level)
+        asyncio.run(serve(settings))
+    except (SettingsError, ProviderConfigError) as exc:
+        print(f"smsgate dispatcher: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

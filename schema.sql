@@ -1,0 +1,102 @@
+-- smsgate schema (PostgreSQL 13 or newer).
+--
+-- Idempotent: applying it twice changes nothing and fails nothing, so `make run` applies it at every start.
+-- It runs in one transaction under an advisory lock, so replicas that apply it at the same moment queue up
+-- instead of racing on the catalog.  Apply with `.venv/bin/python -m common migrate` or `psql -f schema.sql`.
+
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtext('smsgate.schema'));
+
+-- One row per message.  The API inserts it; dispatchers move it forward (see the trigger below).
+CREATE TABLE IF NOT EXISTS messages (
+    id                 uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    username           text        NOT NULL,
+    phone              text        NOT NULL,
+    text               text        NOT NULL,
+    requested_provider text,                    -- what the client asked for; NULL: the service chooses
+    provider           text,                    -- provider of the latest attempt
+    send_status        text        NOT NULL DEFAULT 'queued',
+    delivery_status    text        NOT NULL DEFAULT 'pending',
+    attempt_count      integer     NOT NULL DEFAULT 0,
+    -- When a dispatcher must next look at the row: the next attempt (queued), the end of the lease (sending)
+    -- or the delivery check (sent, pending).  NULL once nothing is left to do.
+    due_at             timestamptz          DEFAULT now(),
+    claim_token        uuid,                    -- the holder of the current claim; stale writes do not match it
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    sent_at            timestamptz,
+    delivered_at       timestamptz,
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT messages_username_format CHECK (username ~ '^[A-Za-z0-9._@+-]{1,64}$'),
+    CONSTRAINT messages_phone_e164 CHECK (phone ~ '^\+[1-9][0-9]{1,14}$'),
+    CONSTRAINT messages_text_format CHECK (char_length(text) BETWEEN 1 AND 140 AND text ~ '^[\t\n\r -~]+$'),
+    CONSTRAINT messages_requested_provider_name CHECK (requested_provider ~ '^[A-Za-z0-9_-]{1,64}$'),
+    CONSTRAINT messages_send_status CHECK (send_status IN ('queued', 'sending', 'sent', 'failed')),
+    CONSTRAINT messages_delivery_status
+        CHECK (delivery_status IN ('pending', 'delivered', 'undelivered', 'unsupported')),
+    CONSTRAINT messages_attempt_count CHECK (attempt_count >= 0),
+    -- Unfinished work always has a due time, so no message can be forgotten in any status.
+    CONSTRAINT messages_due_while_unfinished
+        CHECK ((due_at IS NULL) = (send_status IN ('sent', 'failed') AND delivery_status <> 'pending')),
+    CONSTRAINT messages_sending_is_claimed CHECK (send_status <> 'sending' OR claim_token IS NOT NULL),
+    CONSTRAINT messages_sent_has_time CHECK ((send_status = 'sent') = (sent_at IS NOT NULL)),
+    CONSTRAINT messages_delivered_has_time CHECK ((delivery_status = 'delivered') = (delivered_at IS NOT NULL)),
+    CONSTRAINT messages_failed_is_undelivered CHECK (send_status <> 'failed' OR delivery_status = 'undelivered')
+);
+
+-- Every attempt to hand a message to a provider.  The row is written when the attempt starts, so an attempt
+-- whose dispatcher died still counts toward the provider's limit.
+CREATE TABLE IF NOT EXISTS attempts (
+    message_id  uuid        NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    number      integer     NOT NULL,
+    provider    text        NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    result      text,
+    error       text,
+    PRIMARY KEY (message_id, number),           -- also the index for "attempts of these messages"
+    CONSTRAINT attempts_number CHECK (number >= 1),
+    CONSTRAINT attempts_result CHECK (result IN ('ok', 'error')),
+    CONSTRAINT attempts_finished_has_result CHECK ((finished_at IS NULL) = (result IS NULL)),
+    CONSTRAINT attempts_error_only_on_error CHECK (result = 'error' OR error IS NULL),
+    CONSTRAINT attempts_error_length CHECK (char_length(error) <= 500)
+);
+
+-- The dispatchers' "what is due now": small, because finished messages leave it.
+CREATE INDEX IF NOT EXISTS messages_due_idx ON messages (due_at) WHERE due_at IS NOT NULL;
+-- A user's messages, newest first, with keyset paging on (created_at, id).
+CREATE INDEX IF NOT EXISTS messages_user_created_idx ON messages (username, created_at DESC, id DESC);
+
+-- Statuses only move forward (a retry may return a message from 'sending' to 'queued').  common/domain.py holds
+-- the same table; tests/test_domain.py checks that the two agree.
+CREATE OR REPLACE FUNCTION smsgate_guard_status() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.send_status <> OLD.send_status AND (OLD.send_status, NEW.send_status) NOT IN (
+        ('queued', 'sending'), ('queued', 'failed'),
+        ('sending', 'queued'), ('sending', 'sent'), ('sending', 'failed')) THEN
+        RAISE EXCEPTION 'send_status may not move from % to %', OLD.send_status, NEW.send_status
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.delivery_status <> OLD.delivery_status AND OLD.delivery_status <> 'pending' THEN
+        RAISE EXCEPTION 'delivery_status may not move from % to %', OLD.delivery_status, NEW.delivery_status
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE OR REPLACE TRIGGER messages_guard_status
+    BEFORE UPDATE OF send_status, delivery_status ON messages
+    FOR EACH ROW EXECUTE FUNCTION smsgate_guard_status();
+
+-- New work wakes the dispatchers at once (they LISTEN on this channel) instead of at their next poll.
+-- Once per statement, and PostgreSQL folds equal notifications of one transaction into one.
+CREATE OR REPLACE FUNCTION smsgate_notify_new() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('smsgate_due', '');
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER messages_notify_new
+    AFTER INSERT ON messages
+    FOR EACH STATEMENT EXECUTE FUNCTION smsgate_notify_new();
+
+COMMIT;

@@ -39,8 +39,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning("database unavailable", extra={"event": "database_unavailable", "path": request.path})
         return problem_response(503, "The database is not available; try again shortly.",
                                 code="database_unavailable", headers={"Retry-After": "1"})
-    except asyncio.CancelledError:
-        raise  # the client went away; nobody reads an answer
     except Exception:  # pylint: disable=broad-exception-caught  # a 500 is a bug, but it is still a problem answer
         log.exception("unhandled error", extra={"event": "unhandled_error", "path": request.path})
         return problem_response(500, "An unexpected error occurred; it has been logged.")

@@ -1,18 +1,29 @@
-"""``python -m common dsn|migrate``: print the database URL (starting the embedded server if needed), or apply
-``schema.sql`` to it."""
+"""``python -m common dsn|migrate|run``.
+
+- ``dsn``: print the database address (starting the embedded PostgreSQL when ``DATABASE_URL`` is unset);
+- ``migrate``: apply ``schema.sql`` to it;
+- ``run``: migrate, then run the API and one dispatcher as child processes until Ctrl-C or SIGTERM, which are
+  passed on to both so that each stops cleanly; if either child exits, the other is stopped too.
+"""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
+from types import FrameType
 
 from common.database import apply_schema, resolve_dsn
 from common.settings import SettingsError, load_settings
 
-USAGE = "usage: python -m common dsn|migrate"
+USAGE = "usage: python -m common dsn|migrate|run"
+CHILDREN = ("api", "dispatcher")
 
 
 def main(argv: list[str]) -> int:
     """Run one command; returns the exit status."""
-    if len(argv) != 1 or argv[0] not in ("dsn", "migrate"):
+    if len(argv) != 1 or argv[0] not in ("dsn", "migrate", "run"):
         print(USAGE, file=sys.stderr)
         return 2
     try:
@@ -22,10 +33,45 @@ def main(argv: list[str]) -> int:
         return 2
     if argv[0] == "dsn":
         print(dsn)
-    else:
-        apply_schema(dsn)
-        print("schema applied", file=sys.stderr)
-    return 0
+        return 0
+    apply_schema(dsn)
+    print("smsgate: schema applied", file=sys.stderr)
+    if argv[0] == "migrate":
+        return 0
+    return supervise(dsn)
+
+
+def supervise(dsn: str) -> int:
+    """Run the API and a dispatcher against ``dsn``; stop both when either ends or a signal arrives."""
+    env = dict(os.environ, DATABASE_URL=dsn)
+    # pylint: disable-next=consider-using-with  # they live until the end of this function, waited for below
+    procs = [subprocess.Popen([sys.executable, "-m", name], env=env) for name in CHILDREN]
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    print(f"smsgate: running {', '.join(CHILDREN)}; Ctrl-C stops both", file=sys.stderr)
+    while all(p.poll() is None for p in procs) and not stopping:
+        time.sleep(0.2)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=30))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    # A child stopped by our own SIGTERM reports -15 (or 0 when it handled it): both mean a clean stop.
+    return 0 if stopping and all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else max(map(abs, codes))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ def embedded_dsn(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
         warnings.simplefilter("ignore")
         import pgserver  # pylint: disable=import-outside-toplevel  # only needed without DATABASE_URL
 
-        server = pgserver.get_server(pgdata, cleanup_mode=None)  # keep running for the other processes
-    admin_dsn: str = server.get_uri()
+        server = pgserver.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]  # keep it running
+    admin_dsn = str(server.get_uri())
     create_database(admin_dsn, database)
     return with_database(admin_dsn, database)
 
@@ -59,7 +59,7 @@ def with_database(dsn: str, database: str) -> str:
     """``dsn`` pointing at another database on the same server."""
     params = psycopg2.extensions.parse_dsn(dsn)
     params["dbname"] = database
-    return psycopg2.extensions.make_dsn(**params)
+    return str(psycopg2.extensions.make_dsn(**params))
 
 
 def create_database(admin_dsn: str, database: str) -> None:

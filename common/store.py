@@ -40,6 +40,12 @@ def _delta(seconds: float | None) -> dt.timedelta | None:
     return None if seconds is None else dt.timedelta(seconds=seconds)
 
 
+def _optional_eq(column: sa.Column[str]) -> sa.ColumnElement[bool]:
+    """``column = :<name>``, or true when that parameter is NULL (a filter the caller left out)."""
+    param = sa.bindparam(column.name, type_=sa.Text)
+    return sa.or_(param.is_(None), column == param)
+
+
 # --- the API's statements ---------------------------------------------------------------------------------
 
 INSERT_MESSAGE = Query(
@@ -62,11 +68,8 @@ LIST_MESSAGES = Query(
         m.username == sa.bindparam("username"),
         sa.or_(sa.bindparam("before_created", type_=sa.DateTime(timezone=True)).is_(None),
                sa.tuple_(m.created_at, m.id) < sa.tuple_(sa.bindparam("before_created"),
-                                                          sa.bindparam("before_id", type_=UUID(as_uuid=True)))),
-        sa.or_(sa.bindparam("send_status", type_=sa.Text).is_(None), m.send_status == sa.bindparam("send_status")),
-        sa.or_(sa.bindparam("delivery_status", type_=sa.Text).is_(None),
-               m.delivery_status == sa.bindparam("delivery_status")),
-        sa.or_(sa.bindparam("phone", type_=sa.Text).is_(None), m.phone == sa.bindparam("phone")),
+                                                         sa.bindparam("before_id", type_=UUID(as_uuid=True)))),
+        _optional_eq(m.send_status), _optional_eq(m.delivery_status), _optional_eq(m.phone),
     )
     .order_by(m.created_at.desc(), m.id.desc())
     .limit(sa.bindparam("limit")),
@@ -167,8 +170,11 @@ CLAIM_DUE = Query(
     .add_cte(_abandoned),
     "claim_due")
 
-_plan = sa.func.unnest(sa.bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
-                       sa.bindparam("providers", type_=ARRAY(sa.Text))).table_valued("id", "provider").render_derived(name="plan")
+# The (message id, provider) pairs to start, passed as two arrays and zipped back into rows by unnest().
+_plan = (sa.func.unnest(sa.bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
+                        sa.bindparam("providers", type_=ARRAY(sa.Text)))
+         .table_valued("id", "provider")
+         .render_derived(name="plan"))
 _started = (sa.update(messages)
             .where(m.id == _plan.c.id, m.claim_token == sa.bindparam("token"))
             .values(attempt_count=m.attempt_count + 1, provider=_plan.c.provider, updated_at=sa.func.now())
@@ -231,21 +237,25 @@ async def start_attempts(conn: aiopg.Connection, *, token: uuid.UUID,
     return [Started(**row) for row in rows]
 
 
-async def finish_send(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID,  # noqa: PLR0913
-                      number: int | None, result: AttemptResult | None, error: str | None,
-                      send_status: SendStatus, delivery_status: DeliveryStatus,
-                      due_in: float | None) -> dt.datetime | None | bool:
-    """Close attempt ``number`` and move the message on, only while ``token`` still holds it.
+@dataclass(frozen=True)
+class Outcome:
+    """How a send attempt (or a decision not to make one) leaves a message."""
 
-    Returns False when the claim was lost (the write was rejected), else the message's ``sent_at`` (or None).
-    """
-    row = await fetch_one(conn, FINISH_SEND, id=message_id, token=token, number=number,
-                          result=result.value if result else None, error=error, send_status=send_status.value,
-                          delivery_status=delivery_status.value, due_in=_delta(due_in))
-    if row is None:
-        return False
-    sent_at: dt.datetime | None = row["sent_at"]
-    return sent_at
+    send_status: SendStatus
+    delivery_status: DeliveryStatus
+    due_in: float | None            # seconds until the message is due again; None: nothing left to do
+    number: int | None = None       # the attempt to close; None when no attempt was made
+    result: AttemptResult | None = None
+    error: str | None = None
+
+
+async def finish_send(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID, outcome: Outcome) -> bool:
+    """Close the attempt and move the message on, only while ``token`` still holds it; False when it does not."""
+    row = await fetch_one(conn, FINISH_SEND, id=message_id, token=token, number=outcome.number,
+                          result=outcome.result.value if outcome.result else None, error=outcome.error,
+                          send_status=outcome.send_status.value, delivery_status=outcome.delivery_status.value,
+                          due_in=_delta(outcome.due_in))
+    return row is not None
 
 
 async def finish_delivery_check(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID,

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Awaitable, Callable, TypeVar
 
 import aiopg
@@ -142,25 +143,25 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
         except ProviderError as exc:
             policy = self.policies.get(started.provider, RetryPolicy(max_attempts=1, retry_interval=0))
             decision = policy.after_failure(started.number, retryable=exc.retryable)
-            failed = isinstance(decision, GiveUp)
-            await self._write(store.finish_send, message_id=item.id, token=token, number=started.number,
-                              result=AttemptResult.ERROR, error=exc.reason[:500],
-                              send_status=SendStatus.FAILED if failed else SendStatus.QUEUED,
-                              delivery_status=DeliveryStatus.UNDELIVERED if failed else DeliveryStatus.PENDING,
-                              due_in=None if isinstance(decision, GiveUp) else decision.delay)
+            if isinstance(decision, GiveUp):
+                outcome = store.Outcome(SendStatus.FAILED, DeliveryStatus.UNDELIVERED, None)
+            else:
+                outcome = store.Outcome(SendStatus.QUEUED, DeliveryStatus.PENDING, decision.delay)
+            await self._write(store.finish_send, message_id=item.id, token=token, outcome=replace(
+                outcome, number=started.number, result=AttemptResult.ERROR, error=exc.reason[:500]))
             return
-        reports = provider.supports_delivery_reports and receipt.check_delivery_after is not None
-        await self._write(store.finish_send, message_id=item.id, token=token, number=started.number,
-                          result=AttemptResult.OK, error=None, send_status=SendStatus.SENT,
-                          delivery_status=DeliveryStatus.PENDING if reports else DeliveryStatus.UNSUPPORTED,
-                          due_in=receipt.check_delivery_after if reports else None)
+        if provider.supports_delivery_reports and receipt.check_delivery_after is not None:
+            outcome = store.Outcome(SendStatus.SENT, DeliveryStatus.PENDING, receipt.check_delivery_after)
+        else:
+            outcome = store.Outcome(SendStatus.SENT, DeliveryStatus.UNSUPPORTED, None)
+        await self._write(store.finish_send, message_id=item.id, token=token,
+                          outcome=replace(outcome, number=started.number, result=AttemptResult.OK))
 
     async def _give_up(self, item: store.Claimed, token: uuid.UUID, reason: str) -> None:
         """Mark a reclaimed message whose attempts are used up as failed."""
         log.info("message failed: %s", reason, extra={"event": "message_failed", "message_id": str(item.id)})
-        await self._write(store.finish_send, message_id=item.id, token=token, number=None, result=None,
-                          error=None, send_status=SendStatus.FAILED, delivery_status=DeliveryStatus.UNDELIVERED,
-                          due_in=None)
+        await self._write(store.finish_send, message_id=item.id, token=token,
+                          outcome=store.Outcome(SendStatus.FAILED, DeliveryStatus.UNDELIVERED, None))
 
     async def _check_delivery(self, item: store.Claimed, token: uuid.UUID) -> None:
         """Ask the provider about a sent message's delivery and record the answer."""
@@ -254,8 +255,6 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
                     while True:
                         await conn.notifies.get()
                         self._wake.set()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # pylint: disable=broad-exception-caught  # polling still covers us
                 log.debug("listen connection lost: %s", exc)
             await asyncio.sleep(delay)

@@ -1,0 +1,55 @@
+# smsgate. `make run` starts everything; `make test` checks everything.  Only python3 (>= 3.11) and make needed:
+# the virtualenv is created and filled on first use, and again only when the dependencies change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SOURCES := api common dispatcher tests
+
+.DEFAULT_GOAL := help
+.PHONY: help install run api dispatcher migrate test unit lint typecheck docstrings fmt clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install (done by every other target when needed)
+
+run: $(STAMP)  ## PostgreSQL (embedded unless DATABASE_URL), schema, the API and one dispatcher, until Ctrl-C
+	$(BIN)/python -m common run
+
+api: $(STAMP)  ## the API alone
+	$(BIN)/python -m api
+
+dispatcher: $(STAMP)  ## one dispatcher alone (start as many as you like)
+	$(BIN)/python -m dispatcher
+
+migrate: $(STAMP)  ## apply schema.sql (idempotent)
+	$(BIN)/python -m common migrate
+
+test: lint unit  ## linters, type checks, docstring coverage and the whole suite with coverage
+
+unit: $(STAMP)  ## the test suite with coverage, no linters
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) typecheck docstrings  ## flake8, pylint, mypy --strict, interrogate
+	$(BIN)/flake8 $(SOURCES)
+	$(BIN)/pylint --rcfile=setup.cfg $(SOURCES)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+docstrings: $(STAMP)
+	$(BIN)/interrogate -c setup.cfg $(SOURCES)
+
+fmt: $(STAMP)  ## sort imports
+	$(BIN)/isort $(SOURCES)
+
+clean:  ## remove the virtualenv, the embedded database and caches
+	rm -rf $(VENV) .data .mypy_cache .pytest_cache .coverage .coverage.* htmlcov

@@ -1,6 +1,7 @@
 """The application factory: settings in, a ready ``web.Application`` out."""
 from __future__ import annotations
 
+import warnings
 from typing import AsyncIterator
 
 from aiohttp import web
@@ -42,9 +43,12 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app.cleanup_ctx.append(database_context)
     for path, view in VIEWS:
         app.router.add_view(path, view)
-    setup_aiohttp_apispec(app, title="smsgate", version=API_VERSION, url="/api/docs/swagger.json",
-                          swagger_path="/api/docs", static_path="/api/static/swagger",
-                          error_callback=_raise_validation_problem, in_place=True)
+    with warnings.catch_warnings():
+        # aiohttp-apispec 2.2.3 (the newest) keeps its state under string keys, which aiohttp now warns about.
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        setup_aiohttp_apispec(app, title="smsgate", version=API_VERSION, url="/api/docs/swagger.json",
+                              swagger_path="/api/docs", static_path="/api/static/swagger",
+                              error_callback=_raise_validation_problem, in_place=True)
     return app
 
 

@@ -1,0 +1,1 @@
+"""The test suite: every rule of the contract, against a real PostgreSQL."""

@@ -1,0 +1,284 @@
+"""The HTTP contract: routes, fields, statuses, problems, authentication and isolation."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any
+
+import aiopg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.helpers import auth
+
+Client = TestClient[web.Request, web.Application]
+MESSAGES = "/api/v1/messages"
+
+
+async def count_rows(pool: aiopg.Pool) -> int:
+    """How many messages are stored."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT count(*) FROM messages")
+        row = await cur.fetchone()
+        return int(row[0])
+
+
+async def post(api: Client, body: Any, user: str = "alice") -> tuple[int, dict[str, Any]]:
+    """POST a message body; return the status and the parsed JSON."""
+    resp = await api.post(MESSAGES, json=body, headers=auth(user))
+    return resp.status, await resp.json(content_type=None)
+
+
+def assert_problem(status: int, body: dict[str, Any], expected: int, code: str | None = None) -> None:
+    """An RFC 9457 problem with the expected status (and code)."""
+    assert status == expected, body
+    assert body["status"] == expected and body["type"] == "about:blank"
+    assert isinstance(body["title"], str) and isinstance(body["detail"], str)
+    if code is not None:
+        assert body["code"] == code, body
+
+
+async def test_post_creates_a_queued_message(api: Client) -> None:
+    """201, Location, the resource with normalised phone and no attempts yet."""
+    resp = await api.post(MESSAGES, json={"phone": "+7 (999) 123-45.68", "text": "Hello", "provider": "file"},
+                          headers=auth())
+    assert resp.status == 201
+    msg = await resp.json()
+    assert resp.headers["Location"] == f"/api/v1/messages/{msg['id']}"
+    assert str(uuid.UUID(msg["id"])) == msg["id"]
+    assert msg["phone"] == "+79991234568"
+    assert msg["text"] == "Hello"
+    assert (msg["requested_provider"], msg["provider"]) == ("file", None)
+    assert (msg["send_status"], msg["delivery_status"]) == ("queued", "pending")
+    assert msg["attempts"] == []
+    assert msg["sent_at"] is None and msg["delivered_at"] is None
+    created = dt.datetime.fromisoformat(msg["created_at"])
+    assert created.utcoffset() == dt.timedelta(0)
+
+
+async def test_posted_message_is_readable_by_the_next_request(api: Client) -> None:
+    """The id returned is readable at once, with the same content."""
+    status, msg = await post(api, {"phone": "+79991234568", "text": "x"})
+    assert status == 201
+    resp = await api.get(f"{MESSAGES}/{msg['id']}", headers=auth())
+    assert resp.status == 200
+    assert await resp.json() == msg
+
+
+@pytest.mark.parametrize("text", ["x" * 140, "line1\nline2\r\n\ttabbed", " ", "~!@#$%^&*()_+{}|:\"<>?`-=[]\\;',./"])
+async def test_text_accepted(api: Client, text: str) -> None:
+    """Any 1-140 printable ASCII characters, tab, newline and carriage return."""
+    status, msg = await post(api, {"phone": "+79991234568", "text": text})
+    assert status == 201 and msg["text"] == text
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"phone": "+79991234568", "text": "x" * 141}, "text"),
+    ({"phone": "+79991234568", "text": ""}, "text"),
+    ({"phone": "+79991234568", "text": "Привет"}, "text"),
+    ({"phone": "+79991234568", "text": "caf\u00e9"}, "text"),
+    ({"phone": "+79991234568", "text": "nul\u0000byte"}, "text"),
+    ({"phone": "+79991234568", "text": "bell\u0007"}, "text"),
+    ({"phone": "+79991234568", "text": "del\u007f"}, "text"),
+    ({"phone": "+79991234568", "text": "esc\u001b[31m"}, "text"),
+    ({"phone": "+79991234568", "text": 42}, "text"),
+    ({"phone": "+79991234568", "text": None}, "text"),
+    ({"phone": "+79991234568", "text": ["a"]}, "text"),
+    ({"phone": "+79991234568"}, "text"),
+    ({"text": "no phone"}, "phone"),
+    ({"phone": "12", "text": "x"}, "phone"),
+    ({"phone": "not a phone", "text": "x"}, "phone"),
+    ({"phone": "79991234568", "text": "x"}, "phone"),
+    ({"phone": "+7999123456", "text": "x"}, "phone"),
+    ({"phone": "+\uff17\uff19\uff19\uff19\uff11\uff12\uff13\uff14\uff15\uff16\uff18", "text": "x"}, "phone"),
+    ({"phone": "+\u0667\u0669\u0669\u0669\u0661\u0662\u0663\u0664\u0665\u0666\u0668", "text": "x"}, "phone"),
+    ({"phone": "+1-800-FLOWERS", "text": "x"}, "phone"),
+    ({"phone": "+7" + "9" * 40, "text": "x"}, "phone"),
+    ({"phone": 79991234568, "text": "x"}, "phone"),
+    ({"phone": {"n": 1}, "text": "x"}, "phone"),
+    ({"phone": "+79991234568\u0000", "text": "x"}, "phone"),
+    ({"phone": "+79991234568", "text": "x", "provider": "pigeon"}, "provider"),
+    ({"phone": "+79991234568", "text": "x", "provider": 1}, "provider"),
+    ({"phone": "+79991234568", "text": "x", "colour": "red"}, "colour"),
+    ({"phone": "+79991234568", "text": "x", "id": str(uuid.uuid4())}, "id"),
+])
+async def test_invalid_fields_are_422_naming_the_field(api: Client, pool: aiopg.Pool, body: dict[str, Any],
+                                                       field: str) -> None:
+    """Each bad field: a 422 validation problem whose errors name it, and nothing stored."""
+    status, problem = await post(api, body)
+    assert_problem(status, problem, 422, "validation_error")
+    assert field in problem["errors"], problem
+    assert all(isinstance(m, str) for m in problem["errors"][field]), problem
+    assert await count_rows(pool) == 0
+
+
+@pytest.mark.parametrize(("raw", "ctype", "expected"), [
+    (b"{not json", "application/json", 400),
+    (b"", "application/json", 400),
+    (b"   ", "application/json", 400),
+    (b"\xff\xfe{}", "application/json", 400),
+    (b"[" * 50_00 + b"]" * 50_00, "application/json", 400),
+    (b"[]", "application/json", 422),
+    (b"42", "application/json", 422),
+    (b"null", "application/json", 422),
+    (b'"text"', "application/json", 422),
+    (b'{"phone": "+79991234568", "text": "x"}', "text/plain", 415),
+    (b"phone=%2B79991234568&text=x", "application/x-www-form-urlencoded", 415),
+    (b'{"phone": "+79991234568", "text": "x"}', "", 415),
+    (b'{"phone": 1e999999, "text": "x"}', "application/json", 422),
+    (b'{"phone": "+79991234568", "text": "' + b"9" * 5000 + b'"}', "application/json", 422),
+])
+async def test_malformed_bodies_are_problems(api: Client, pool: aiopg.Pool, raw: bytes, ctype: str,
+                                             expected: int) -> None:
+    """Not JSON, the wrong JSON shape or the wrong media type: a 4xx problem, nothing stored."""
+    headers = {**auth(), "Content-Type": ctype} if ctype else auth()
+    resp = await api.post(MESSAGES, data=raw, headers=headers)
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert_problem(resp.status, await resp.json(content_type=None), expected)
+    assert await count_rows(pool) == 0
+
+
+async def test_huge_body_is_413(api: Client, pool: aiopg.Pool) -> None:
+    """A body past the cap (16 KiB) is refused before it is parsed."""
+    body = json.dumps({"phone": "+79991234568", "text": "x" * 100_000}).encode()
+    resp = await api.post(MESSAGES, data=body, headers={**auth(), "Content-Type": "application/json"})
+    assert_problem(resp.status, await resp.json(content_type=None), 413, "payload_too_large")
+    assert await count_rows(pool) == 0
+
+
+async def test_json_with_charset_and_null_provider(api: Client) -> None:
+    """``application/json; charset=utf-8`` is JSON; ``"provider": null`` means "the service chooses"."""
+    resp = await api.post(MESSAGES, data=b'{"phone": "+79991234568", "text": "x", "provider": null}',
+                          headers={**auth(), "Content-Type": "application/json; charset=utf-8"})
+    assert resp.status == 201
+    assert (await resp.json())["requested_provider"] is None
+
+
+@pytest.mark.parametrize("header", [
+    None, "", "SMSAUTH:", "SMSAUTH: alice", "smsauth:alice", "Basic Zm9vOmJhcg==", "Bearer abc",
+    "SMSAUTH:" + "a" * 65, "SMSAUTH:al ice", "SMSAUTH:al/ice", "SMSAUTH:alice:x", "SMSAUTH:al\u00efce",
+])
+async def test_bad_authorization_is_401(api: Client, pool: aiopg.Pool, header: str | None) -> None:
+    """Missing or malformed credentials: 401 problems on every /api route, nothing stored."""
+    headers = {} if header is None else {"Authorization": header}
+    for method, path in (("POST", MESSAGES), ("GET", MESSAGES), ("GET", f"{MESSAGES}/{uuid.uuid4()}"),
+                         ("GET", "/api/v1/providers")):
+        resp = await api.request(method, path, json={"phone": "+79991234568", "text": "x"}, headers=headers)
+        assert_problem(resp.status, await resp.json(content_type=None), 401)
+        assert "WWW-Authenticate" in resp.headers
+    assert await count_rows(pool) == 0
+
+
+@pytest.mark.parametrize("user", ["a", "A" * 64, "john.doe+sms@example.com", "under_score-dash"])
+async def test_valid_usernames(api: Client, user: str) -> None:
+    """Usernames of 1-64 allowed characters are accepted."""
+    status, _ = await post(api, {"phone": "+79991234568", "text": "x"}, user=user)
+    assert status == 201
+
+
+async def test_users_see_only_their_own_messages(api: Client) -> None:
+    """Another user's id answers 404 exactly like an unknown one; lists are per user."""
+    _, mine = await post(api, {"phone": "+79991234568", "text": "mine"}, user="alice")
+    _, theirs = await post(api, {"phone": "+79991234568", "text": "theirs"}, user="bob")
+    foreign = await api.get(f"{MESSAGES}/{mine['id']}", headers=auth("bob"))
+    unknown = await api.get(f"{MESSAGES}/{uuid.uuid4()}", headers=auth("bob"))
+    foreign_body, unknown_body = await foreign.json(content_type=None), await unknown.json(content_type=None)
+    assert foreign.status == unknown.status == 404
+    assert foreign_body == unknown_body
+    bob_list = await (await api.get(MESSAGES, headers=auth("bob"))).json()
+    assert [m["id"] for m in bob_list["items"]] == [theirs["id"]]
+    filtered = await (await api.get(f"{MESSAGES}?phone=%2B79991234568", headers=auth("carol"))).json()
+    assert filtered["items"] == []
+
+
+@pytest.mark.parametrize("raw_id", ["not-a-uuid", "00000000-0000-4000-8000-00000000000", "%00", "1" * 300,
+                                    "{00000000-0000-4000-8000-000000000000}", "urn:uuid:" + str(uuid.uuid4()),
+                                    "00000000000040008000000000000000", "..%2F..%2Fetc%2Fpasswd", "%E2%98%83"])
+async def test_odd_ids_are_404(api: Client, raw_id: str) -> None:
+    """Anything that is not a canonical UUID names no message."""
+    resp = await api.get(f"{MESSAGES}/{raw_id}", headers=auth())
+    assert_problem(resp.status, await resp.json(content_type=None), 404)
+
+
+async def test_list_pages_newest_first(api: Client) -> None:
+    """Keyset pages of the caller's messages, newest first, with filters."""
+    ids = []
+    for i in range(5):
+        _, msg = await post(api, {"phone": "+79991234568" if i % 2 else "+79991234500", "text": f"m{i}",
+                                  "provider": "stub"})
+        ids.append(msg["id"])
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await api.get(MESSAGES + query, headers=auth())).json()
+        assert len(page["items"]) <= 2
+        seen += [m["id"] for m in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    by_phone = await (await api.get(f"{MESSAGES}?phone=%2B7%20999%20123-45-68", headers=auth())).json()
+    assert [m["id"] for m in by_phone["items"]] == [ids[3], ids[1]]
+    queued = await (await api.get(f"{MESSAGES}?send_status=queued&delivery_status=pending",
+                                  headers=auth())).json()
+    assert len(queued["items"]) == 5 and queued["next_cursor"] is None
+    none_sent = await (await api.get(f"{MESSAGES}?send_status=sent", headers=auth())).json()
+    assert none_sent == {"items": [], "next_cursor": None}
+
+
+async def test_default_page_is_20(api: Client) -> None:
+    """Without ?limit, pages hold 20."""
+    for _ in range(21):
+        await post(api, {"phone": "+79991234568", "text": "x"})
+    page = await (await api.get(MESSAGES, headers=auth())).json()
+    assert len(page["items"]) == 20 and page["next_cursor"]
+
+
+@pytest.mark.parametrize("query", [
+    "limit=0", "limit=101", "limit=-1", "limit=abc", "limit=1.5", "limit=", "limit=1&limit=2",
+    "cursor=nonsense", "cursor=" + "A" * 300, "cursor=MjAyNi0xMi0wM3xub3QtYS11dWlk", "send_status=lost",
+    "delivery_status=maybe", "phone=12", "colour=red", "send_status=",
+])
+async def test_bad_list_queries_are_422(api: Client, query: str) -> None:
+    """Every query parameter is validated."""
+    resp = await api.get(f"{MESSAGES}?{query}", headers=auth())
+    assert_problem(resp.status, await resp.json(content_type=None), 422, "validation_error")
+
+
+async def test_providers_listed_with_settings_and_capabilities(api: Client) -> None:
+    """Both providers with their attempt settings and delivery-report capability."""
+    resp = await api.get("/api/v1/providers", headers=auth())
+    body = await resp.json()
+    by_name = {p["name"]: p for p in body["items"]}
+    assert by_name["file"]["max_attempts"] == 3 and by_name["file"]["retry_interval"] == 0.5
+    assert by_name["stub"]["max_attempts"] == 1 and by_name["stub"]["retry_interval"] == 0.5
+    assert by_name["file"]["supports_delivery_reports"] is True
+    assert by_name["stub"]["supports_delivery_reports"] is False
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/api/v1/nope", 404), ("GET", "/nope", 404), ("PATCH", MESSAGES, 405), ("DELETE", MESSAGES, 405),
+    ("PUT", f"{MESSAGES}/{uuid.uuid4()}", 405), ("POST", "/health", 405),
+])
+async def test_aiohttp_errors_are_problems(api: Client, method: str, path: str, status: int) -> None:
+    """aiohttp's own 404 and 405 come in the problem format too (405 with Allow)."""
+    resp = await api.request(method, path, headers=auth())
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert_problem(resp.status, await resp.json(content_type=None), status)
+    if status == 405:
+        assert resp.headers["Allow"]
+
+
+async def test_service_routes(api: Client) -> None:
+    """/health, /ready, /metrics and the OpenAPI document answer without auth."""
+    assert await (await api.get("/health")).json() == {"status": "ok"}
+    assert (await api.get("/ready")).status == 200
+    await api.get(MESSAGES, headers=auth())
+    metrics = await (await api.get("/metrics")).text()
+    assert 'smsgate_http_requests_total{method="GET",route="/api/v1/messages",status="200"}' in metrics
+    doc = await (await api.get("/api/docs/swagger.json")).json()
+    assert {"/api/v1/messages", "/api/v1/messages/{id}", "/api/v1/providers"} <= set(doc["paths"])
+    assert (await api.get("/api/docs")).status == 200

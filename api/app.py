@@ -1,6 +1,7 @@
 """The application factory: settings in, a ready ``web.Application`` out."""
 from __future__ import annotations
 
+import asyncio
 import warnings
 from typing import AsyncIterator
 
@@ -12,7 +13,7 @@ from api.metrics import HttpMetrics
 from api.middlewares import (auth_middleware, deadline_middleware, error_middleware, metrics_middleware,
                              validation_problem)
 from api.views import VIEWS
-from common.database import create_pool
+from common.database import create_pool, quiet_statement_timeouts
 from common.providers import build_providers
 from common.settings import Settings
 
@@ -22,6 +23,7 @@ API_VERSION = "1.0.0"
 async def database_context(app: web.Application) -> AsyncIterator[None]:
     """Open the pool on start-up, close it on shutdown."""
     cfg = app[SETTINGS].api
+    asyncio.get_running_loop().set_exception_handler(quiet_statement_timeouts)
     app[POOL] = await create_pool(app[DSN], size=cfg.pool_size, statement_timeout=cfg.statement_timeout,
                                   connect_timeout=min(2.0, cfg.request_deadline))
     yield

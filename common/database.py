@@ -7,6 +7,7 @@ transaction is open on it: on cancellation (a request deadline, a shutdown) the 
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import warnings
 from pathlib import Path
@@ -146,6 +147,14 @@ async def connection(pool: aiopg.Pool) -> AsyncIterator[aiopg.Connection]:
         raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
     try:
         yield conn
+    except asyncio.CancelledError as exc:
+        conn.close()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() == 0:
+            # Nobody cancelled us: aiopg turns the server's statement timeout (QueryCanceledError) into a
+            # CancelledError.  Say what it really is, or the request would be torn down without an answer.
+            raise DatabaseUnavailable("statement timeout") from exc
+        raise
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         # The server went away or a statement timed out: say so in one type the callers can answer 503 to.
         conn.close()
@@ -170,6 +179,13 @@ async def transaction(pool: aiopg.Pool) -> AsyncIterator[aiopg.Connection]:
             await cur.execute("BEGIN")
             yield conn
             await cur.execute("COMMIT")
+
+
+def quiet_statement_timeouts(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Loop exception handler: aiopg reports every statement timeout to it, though we handle them (503)."""
+    if isinstance(context.get("exception"), psycopg2.extensions.QueryCanceledError):
+        return
+    loop.default_exception_handler(context)
 
 
 async def ping(pool: aiopg.Pool) -> None:

@@ -63,10 +63,10 @@ class ApiSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    request_deadline: float = 0.9
+    request_deadline: float = 0.8
     max_body_bytes: int = 16 * 1024
     pool_size: int = 10
-    statement_timeout: float = 0.8
+    statement_timeout: float = 0.6
 
 
 @dataclass(frozen=True)

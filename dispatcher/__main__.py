@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 
-from common.database import create_pool, resolve_dsn
+from common.database import create_pool, quiet_statement_timeouts, resolve_dsn
 from common.logs import setup_logging
 from common.providers import ProviderConfigError, build_providers
 from common.settings import Settings, SettingsError, load_settings
@@ -24,6 +24,7 @@ async def serve(settings: Settings) -> None:
     try:
         dispatcher = Dispatcher(settings, pool, providers, dsn)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(quiet_statement_timeouts)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, dispatcher.stop)
         await dispatcher.run()

@@ -17,7 +17,7 @@ def make_settings(tmp_path: Path, **sections: Any) -> Settings:
     """Settings for tests: short leases and timeouts; ``sections`` overlay the TOML-shaped mapping."""
     raw: dict[str, Any] = {
         "sent_sms_dir": str(tmp_path / "sent_sms"),
-        "dispatcher": {"lease_seconds": 2.0, "poll_interval": 0.2, "shutdown_grace": 2.0},
+        "dispatcher": {"lease_seconds": 6.0, "poll_interval": 0.2, "shutdown_grace": 2.0},
         "providers": {"file": {"timeout": 1.0, "delivery_delay": 0.3}, "stub": {"timeout": 1.0}},
     }
     for key, value in sections.items():

@@ -1,0 +1,86 @@
+"""The commands of the contract as separate processes: migrate, dsn, the API, the dispatcher, and `run`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.settings import PROJECT_ROOT
+
+
+def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m ...`` in the project root and wait for it."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=PROJECT_ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    """One request with the standard library; (status, parsed JSON)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": "SMSAUTH:cli", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_dsn_and_migrate(dsn: str) -> None:
+    """`dsn` prints the configured address; `migrate` applies the schema again without harm."""
+    assert run(["common", "dsn"], DATABASE_URL=dsn).stdout.strip() == dsn
+    migrated = run(["common", "migrate"], DATABASE_URL=dsn)
+    assert migrated.returncode == 0 and "schema applied" in migrated.stderr
+    assert run(["common", "bogus"]).returncode == 2
+
+
+@pytest.mark.parametrize("module", ["api", "dispatcher", "common"])
+def test_bad_settings_stop_start_up_with_a_message(module: str) -> None:
+    """A wrong setting: exit status 2 and one line naming it, no traceback."""
+    args = [module, "dsn"] if module == "common" else [module]
+    result = run(args, SMSGATE_API__PORT="eighty")
+    assert result.returncode == 2
+    assert "api.port must be int" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_serves_sends_and_stops_cleanly_on_sigterm(dsn: str, tmp_path: Path) -> None:
+    """`python -m common run`: the API answers, the dispatcher sends, SIGTERM stops both with status 0."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "SENT_SMS_DIR": str(tmp_path)}
+    with subprocess.Popen([sys.executable, "-m", "common", "run"], cwd=PROJECT_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if http("GET", base + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
+            time.sleep(0.1)
+        status, msg = http("POST", base + "/api/v1/messages", {"phone": "+79991234568", "text": "cli"})
+        assert status == 201
+        while http("GET", f"{base}/api/v1/messages/{msg['id']}")[1]["send_status"] != "sent":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len(list(tmp_path.iterdir())) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0

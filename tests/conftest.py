@@ -24,15 +24,15 @@ from tests.helpers import Dispatchers, make_settings
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
-@pytest.fixture(scope="session")
-def server_dsn() -> str:
+@pytest.fixture(name="server_dsn", scope="session")
+def fixture_server_dsn() -> str:
     """An administrative DSN of the PostgreSQL server the tests use."""
     url = os.environ.get("DATABASE_URL")
     return url if url else embedded_dsn(PROJECT_ROOT / ".data" / "postgres", database="postgres")
 
 
-@pytest.fixture(scope="session")
-def dsn(server_dsn: str) -> Iterator[str]:
+@pytest.fixture(name="dsn", scope="session")
+def fixture_dsn(server_dsn: str) -> Iterator[str]:
     """A fresh database with the schema applied, for this test session only."""
     name = f"smsgate_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     create_database(server_dsn, name)
@@ -59,8 +59,8 @@ def clean_database(request: pytest.FixtureRequest) -> None:
     conn.close()
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+@pytest.fixture(name="settings")
+def fixture_settings(tmp_path: Path) -> Settings:
     """Test settings (see :func:`make_settings`)."""
     return make_settings(tmp_path)
 

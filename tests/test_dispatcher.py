@@ -39,7 +39,8 @@ class SlowProvider(Provider):
         return SendReceipt()
 
 
-async def insert(pool: aiopg.Pool, count: int, phone: str, provider: str | None, user: str = "alice") -> list[uuid.UUID]:
+async def insert(pool: aiopg.Pool, count: int, phone: str, provider: str | None,
+                 user: str = "alice") -> list[uuid.UUID]:
     """Insert ``count`` queued messages in one statement, as the API would one by one."""
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
@@ -53,7 +54,7 @@ async def rows(pool: aiopg.Pool, sql: str, *params: Any) -> list[dict[str, Any]]
     """Run a query; rows as dicts."""
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(sql, params)
-        names = [c.name for c in cur.description]
+        names = [c.name for c in cur.description or ()]
         return [dict(zip(names, r)) for r in await cur.fetchall()]
 
 

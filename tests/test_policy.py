@@ -19,8 +19,8 @@ def test_after_failure(max_attempts: int, made: int, retryable: bool, expected: 
     assert RetryPolicy(max_attempts, 0.5).after_failure(made, retryable=retryable) == expected
 
 
-@pytest.mark.parametrize(("max_attempts", "made", "allowed"), [(3, 0, True), (3, 2, True), (3, 3, False),
-                                                                (1, 0, True), (1, 1, False)])
+@pytest.mark.parametrize(("max_attempts", "made", "allowed"), [
+    (3, 0, True), (3, 2, True), (3, 3, False), (1, 0, True), (1, 1, False)])
 def test_may_attempt(max_attempts: int, made: int, allowed: bool) -> None:
     """Attempts already started (even by a dead dispatcher) count."""
     assert RetryPolicy(max_attempts, 0.5).may_attempt(made) is allowed

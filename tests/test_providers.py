@@ -21,7 +21,7 @@ from tests.helpers import make_settings
 WHEN = dt.datetime(2026, 12, 3, 18, 40, 22, 123456, tzinfo=dt.timezone.utc)
 
 
-def sms(phone: str = "+79991234568", text: str = "hi", when: dt.datetime = WHEN) -> Sms:
+def make_sms(phone: str = "+79991234568", text: str = "hi", when: dt.datetime = WHEN) -> Sms:
     """One attempt's view of a message."""
     return Sms(message_id=uuid.uuid4(), phone=phone, text=text, attempt=1, started_at=when)
 
@@ -54,7 +54,7 @@ def test_unknown_implementation_and_options_are_refused(tmp_path: Path) -> None:
 async def test_file_provider_writes_the_contract_name(tmp_path: Path) -> None:
     """<ISO 8601 datetime>_<phone>.txt holding exactly the text; delivery checked after the delay."""
     provider = file_provider(tmp_path)
-    receipt = await provider.send(sms(text="Hello\nworld"))
+    receipt = await provider.send(make_sms(text="Hello\nworld"))
     assert receipt == SendReceipt(check_delivery_after=10.0)
     [path] = tmp_path.iterdir()
     assert path.name == "2026-12-03T18:40:22.123456+00:00_+79991234568.txt"
@@ -65,7 +65,7 @@ async def test_file_provider_writes_the_contract_name(tmp_path: Path) -> None:
 async def test_file_name_is_utc_whatever_the_offset_of_the_time_given(tmp_path: Path) -> None:
     """A time in another zone is written as the same instant in UTC."""
     tokyo = WHEN.astimezone(dt.timezone(dt.timedelta(hours=9)))
-    await file_provider(tmp_path).send(sms(when=tokyo))
+    await file_provider(tmp_path).send(make_sms(when=tokyo))
     [path] = tmp_path.iterdir()
     assert path.name.startswith("2026-12-03T18:40:22.123456+00:00_")
 
@@ -73,7 +73,7 @@ async def test_file_name_is_utc_whatever_the_offset_of_the_time_given(tmp_path: 
 async def test_odd_numbers_fail_and_write_nothing(tmp_path: Path) -> None:
     """Odd last digit: a retryable ProviderError, no file."""
     with pytest.raises(ProviderError, match="odd") as info:
-        await file_provider(tmp_path).send(sms(phone="+79991234567"))
+        await file_provider(tmp_path).send(make_sms(phone="+79991234567"))
     assert info.value.retryable
     assert not list(tmp_path.iterdir())
 
@@ -81,7 +81,7 @@ async def test_odd_numbers_fail_and_write_nothing(tmp_path: Path) -> None:
 async def test_a_burst_in_one_microsecond_makes_distinct_files(tmp_path: Path) -> None:
     """Many sends to one number with the same time: one file each, none overwritten, names still ISO times."""
     provider = file_provider(tmp_path)
-    await asyncio.gather(*[provider.send(sms(text=f"n{i}")) for i in range(50)])
+    await asyncio.gather(*[provider.send(make_sms(text=f"n{i}")) for i in range(50)])
     files = sorted(tmp_path.iterdir())
     assert len(files) == 50
     assert sorted(p.read_text() for p in files) == sorted(f"n{i}" for i in range(50))
@@ -119,7 +119,7 @@ async def test_file_delivery_is_reported_after_the_delay(tmp_path: Path) -> None
 async def test_stub_accepts_and_cannot_report(tmp_path: Path) -> None:
     """stub: always accepted, no file, delivery unsupported."""
     stub = build_providers(make_settings(tmp_path))["stub"]
-    assert await stub.send(sms(phone="+79991234567")) == SendReceipt()
+    assert await stub.send(make_sms(phone="+79991234567")) == SendReceipt()
     assert (await stub.check_delivery(uuid.uuid4(), WHEN, WHEN)).status is DeliveryStatus.UNSUPPORTED
     assert not stub.supports_delivery_reports and not list(tmp_path.iterdir())
 
@@ -129,7 +129,7 @@ class Broken(Provider):
 
     mode = "crash"
 
-    async def _send(self, message: Sms) -> SendReceipt:
+    async def _send(self, sms: Sms) -> SendReceipt:  # pylint: disable=unused-argument
         """Crash, hang or refuse, by mode."""
         if self.mode == "crash":
             raise KeyError("bug")
@@ -149,7 +149,7 @@ async def test_send_wrapper_turns_every_failure_into_a_provider_error(tmp_path: 
     provider = Broken(ProviderSettings(name="broken", type="broken", timeout=0.05), ProviderContext(tmp_path))
     provider.mode = mode
     with pytest.raises(ProviderError) as info:
-        await provider.send(sms())
+        await provider.send(make_sms())
     assert (info.value.reason, info.value.retryable) == (reason, retryable)
 
 

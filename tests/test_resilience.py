@@ -20,8 +20,8 @@ Client = TestClient[web.Request, web.Application]
 BODY = {"phone": "+79991234568", "text": "x"}
 
 
-@pytest.fixture
-def locked(dsn: str) -> Iterator[None]:
+@pytest.fixture(name="locked")
+def fixture_locked(dsn: str) -> Iterator[None]:
     """Hold an ACCESS EXCLUSIVE lock on messages (as a long migration would) for the test's duration."""
     conn = psycopg2.connect(dsn)
     with conn.cursor() as cur:
@@ -37,7 +37,7 @@ def idle_in_transaction(dsn: str) -> list[Any]:
     with conn.cursor() as cur:
         cur.execute("SELECT pid, state FROM pg_stat_activity WHERE application_name = 'smsgate' "
                     "AND state LIKE 'idle in transaction%%'")
-        found = cur.fetchall()
+        found = list(cur.fetchall())
     conn.close()
     return found
 
@@ -50,8 +50,9 @@ async def timed(api: Client, method: str, path: str, **kwargs: Any) -> tuple[int
     return resp.status, time.monotonic() - started, body
 
 
-async def test_locked_table_answers_503_within_a_second_then_recovers(aiohttp_client: ClientFactory, dsn: str,
-                                                                      tmp_path: Path, locked: None) -> None:
+@pytest.mark.usefixtures("locked")
+async def test_locked_table_answers_503_within_a_second(aiohttp_client: ClientFactory, dsn: str,
+                                                        tmp_path: Path) -> None:
     """Requests that cannot get their rows in time: quick 503 problems, even 20 at once on a pool of 2."""
     settings = make_settings(tmp_path, api={"pool_size": 2})
     api = await aiohttp_client(create_app(settings, dsn))
@@ -60,17 +61,18 @@ async def test_locked_table_answers_503_within_a_second_then_recovers(aiohttp_cl
     for status, seconds, body in results:
         assert status == 503 and seconds < 1.0, (status, seconds, body)
         assert body["code"] in ("database_unavailable", "deadline_exceeded")
-    assert idle_in_transaction(dsn) == []
+    assert not idle_in_transaction(dsn)
 
 
-async def test_deadline_cancels_database_work_cleanly(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path,
-                                                      locked: None) -> None:
+@pytest.mark.usefixtures("locked")
+async def test_deadline_cancels_database_work_cleanly(aiohttp_client: ClientFactory, dsn: str,
+                                                      tmp_path: Path) -> None:
     """When the deadline, not the server, cuts a statement off: 503, and no connection stays in a transaction."""
     settings = make_settings(tmp_path, api={"request_deadline": 0.3, "statement_timeout": 10.0})
     api = await aiohttp_client(create_app(settings, dsn))
     status, seconds, body = await timed(api, "POST", "/api/v1/messages", json=BODY)
     assert (status, body["code"]) == (503, "deadline_exceeded") and seconds < 1.0
-    assert idle_in_transaction(dsn) == []
+    assert not idle_in_transaction(dsn)
     assert api.app[POOL].size == 0  # the cancelled connection was closed, not pooled
 
 

@@ -10,13 +10,13 @@ import psycopg2
 import pytest
 
 from common import store
-from common.database import apply_schema
+from common.database import Query, apply_schema
 from common.domain import DeliveryStatus, SendStatus, can_move, can_move_delivery
 from common.tables import metadata
 
 
-@pytest.fixture
-def db(dsn: str) -> Iterator[Any]:
+@pytest.fixture(name="db")
+def fixture_db(dsn: str) -> Iterator[Any]:
     """A plain psycopg2 connection to the test database."""
     conn = psycopg2.connect(dsn)
     yield conn
@@ -34,7 +34,7 @@ def test_applying_twice_changes_nothing(dsn: str, db: Any) -> None:
                            WHERE n.nspname = 'public' AND a.attnum > 0 ORDER BY 1, 2""")
             columns = cur.fetchall()
             cur.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint ORDER BY 1")
-            return columns + cur.fetchall()
+            return list(columns) + list(cur.fetchall())
     before = catalog()
     threads = [threading.Thread(target=apply_schema, args=(dsn,)) for _ in range(3)]
     for thread in threads:
@@ -108,7 +108,7 @@ def test_final_statuses_are_final() -> None:
     assert can_move(SendStatus.SENDING, SendStatus.QUEUED)
 
 
-def _plan(cur: Any, query: store.Query, **values: Any) -> str:
+def _plan(cur: Any, query: Query, **values: Any) -> str:
     """EXPLAIN of a store query with these values."""
     cur.execute("EXPLAIN " + query.sql, query.params(values))
     return "\n".join(r[0] for r in cur.fetchall())

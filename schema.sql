@@ -61,6 +61,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     CONSTRAINT attempts_error_length CHECK (char_length(error) <= 500)
 );
 
+-- Idempotency-Key of POST /api/v1/messages: the same user and key within 24 h replays the first message.
+-- The primary key makes concurrent requests with one key create one message; an entry older than 24 h is
+-- taken over by the next request that uses the key.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    username     text        NOT NULL,
+    key          text        NOT NULL,
+    request_hash text        NOT NULL,          -- sha256 of the normalised request
+    message_id   uuid        NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (username, key),
+    CONSTRAINT idempotency_keys_key_format CHECK (key ~ '^[ -~]{1,255}$'),
+    CONSTRAINT idempotency_keys_hash_format CHECK (request_hash ~ '^[0-9a-f]{64}$')
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_message_idx ON idempotency_keys (message_id);
+
 -- The dispatchers' "what is due now": small, because finished messages leave it.
 CREATE INDEX IF NOT EXISTS messages_due_idx ON messages (due_at) WHERE due_at IS NOT NULL;
 -- A user's messages, newest first, with keyset paging on (created_at, id).

@@ -8,10 +8,11 @@ from typing import AsyncIterator
 from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec
 
-from api.keys import DSN, METRICS, POOL, PROVIDERS, SETTINGS
+from api.auth import Authenticator
+from api.keys import AUTHENTICATOR, DSN, METRICS, POOL, PROVIDERS, SETTINGS
 from api.metrics import HttpMetrics
 from api.middlewares import (auth_middleware, deadline_middleware, error_middleware, metrics_middleware,
-                             validation_problem)
+                             request_id_middleware, validation_problem)
 from api.views import VIEWS
 from common.database import create_pool, quiet_statement_timeouts
 from common.providers import build_providers
@@ -33,14 +34,17 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the API for ``settings`` against the database at ``dsn``."""
-    # Outermost first: metrics see the final status; errors become problems; the deadline bounds the rest.
+    # Outermost first: every answer gets its request id; metrics see the final status; errors become problems;
+    # the deadline bounds everything below it, authentication included.
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, deadline_middleware, auth_middleware],
+        middlewares=[request_id_middleware, metrics_middleware, error_middleware, deadline_middleware,
+                     auth_middleware],
         client_max_size=settings.api.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
     app[PROVIDERS] = build_providers(settings)
+    app[AUTHENTICATOR] = Authenticator(settings.auth)
     app[METRICS] = HttpMetrics()
     app.cleanup_ctx.append(database_context)
     for path, view in VIEWS:

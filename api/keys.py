@@ -4,6 +4,7 @@ from __future__ import annotations
 import aiopg
 from aiohttp import web
 
+from api.auth import Authenticator
 from api.metrics import HttpMetrics
 from common.providers import Provider
 from common.settings import Settings
@@ -13,4 +14,6 @@ DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", aiopg.Pool)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 METRICS = web.AppKey("metrics", HttpMetrics)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 USERNAME = web.RequestKey("username", str)
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,23 +1,26 @@
-"""Middlewares, outermost first: problem answers for every error, the 1-second deadline, authentication."""
+"""Middlewares, outermost first: request ids, metrics, problem answers for every error, the deadline, auth."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from marshmallow import ValidationError
 
-from api.keys import METRICS, SETTINGS, USERNAME
+from api.keys import AUTHENTICATOR, METRICS, REQUEST_ID, SETTINGS, USERNAME
 from api.problems import Problem, problem_response
 from common.database import DatabaseUnavailable
-from common.domain import USERNAME_PATTERN
+from common.logs import current_request_id
 
 log = logging.getLogger("smsgate.api")
 
-AUTH_SCHEME = "SMSAUTH:"
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PUBLIC_PREFIXES = ("/api/docs", "/api/static")  # the Swagger UI and its OpenAPI document need no auth
 
 
@@ -79,26 +82,25 @@ async def deadline_middleware(request: web.Request, handler: Handler) -> web.Str
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``/api/...`` needs ``Authorization: SMSAUTH:<username>``; the username is kept on the request."""
+    """``/api/...`` needs credentials (see :mod:`api.auth`); the username is kept on the request."""
     if request.path.startswith("/api/") and not request.path.startswith(PUBLIC_PREFIXES):
-        request[USERNAME] = authenticate(request.headers.get("Authorization"))
+        request[USERNAME] = request.app[AUTHENTICATOR].username(request.headers.get("Authorization"))
     return await handler(request)
 
 
-def authenticate(header: str | None) -> str:
-    """The username in an ``SMSAUTH:<username>`` header, or a 401 problem."""
-    challenge = {"WWW-Authenticate": 'SMSAUTH realm="smsgate"'}
-    if not header:
-        raise Problem(401, "Send 'Authorization: SMSAUTH:<username>'.", code="authentication_required",
-                      headers=challenge)
-    if not header.startswith(AUTH_SCHEME):
-        raise Problem(401, "Unsupported authorization scheme; send 'SMSAUTH:<username>'.",
-                      code="unsupported_auth_scheme", headers=challenge)
-    username = header[len(AUTH_SCHEME):]
-    if not USERNAME_PATTERN.fullmatch(username):
-        raise Problem(401, "The username must be 1-64 characters of A-Z a-z 0-9 . _ @ + -.",
-                      code="invalid_credentials", headers=challenge)
-    return username
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Echo a sane ``X-Request-ID`` (or make one) on every answer, and put it in every log line of the request."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    token = current_request_id.set(request_id)
+    try:
+        response = await handler(request)
+    finally:
+        current_request_id.reset(token)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 @web.middleware

@@ -1,6 +1,7 @@
 """The routes of the contract, one ``web.View`` class each; ``VIEWS`` lists them with their paths."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -22,6 +23,8 @@ LIST_SCHEMA = MessageListSchema()
 PROVIDER_LIST_SCHEMA = ProviderListSchema()
 CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 JSON_TYPES = ("application/json",)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")
 
 
 def _problems(*statuses: int) -> dict[int, dict[str, Any]]:
@@ -64,6 +67,23 @@ def query_params(request: web.Request) -> dict[str, str]:
     return params
 
 
+def idempotency_key(request: web.Request) -> str | None:
+    """The ``Idempotency-Key`` header (1-255 printable ASCII characters), None when absent, else a 400 problem."""
+    values = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1 or not IDEMPOTENCY_KEY.fullmatch(values[0]):
+        raise Problem(400, "Idempotency-Key must be given once, as 1-255 printable ASCII characters.",
+                      code="invalid_idempotency_key")
+    return str(values[0])
+
+
+def request_hash(fields: dict[str, Any]) -> str:
+    """A digest of the normalised request: the same message written differently hashes the same."""
+    canonical = json.dumps({name: fields[name] for name in ("phone", "text", "provider")}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def message_body(row: dict[str, Any]) -> dict[str, Any]:
     """The public form of a message row."""
     body: dict[str, Any] = MESSAGE_SCHEMA.dump(row)
@@ -75,19 +95,41 @@ class MessagesView(web.View):
 
     @docs(tags=["messages"], summary="Send an SMS",
           description="Validates, stores the message as queued and answers at once; dispatchers send it.",
+          parameters=[{"in": "header", "name": "Idempotency-Key", "required": False, "type": "string",
+                       "minLength": 1, "maxLength": 255,
+                       "description": "repeat a request safely: the same key and body within 24 h replay it"}],
           responses={201: {"schema": MessageSchema, "description": "the new message"},
+                     200: {"schema": MessageSchema, "description": "replayed (Idempotent-Replayed: true)"},
                      **_problems(400, 401, 413, 415, 422, 503)})
     @request_schema(MessageCreateSchema)
     async def post(self) -> web.Response:
-        """Validate and insert (one INSERT); the answer carries the new message and its Location."""
+        """Validate and insert (one INSERT); the answer carries the new message and its Location.
+
+        With an ``Idempotency-Key``, a repeat of the same request within 24 h answers 200 with the message the
+        first one made (``Idempotent-Replayed: true``) and sends nothing again.
+        """
+        key = idempotency_key(self.request)
         data = await read_json_object(self.request)
         names: list[str] = list(self.request.app[PROVIDERS].keys())
         fields = MessageCreateSchema(context={"providers": names}).load(data)
+        username = self.request[USERNAME]
         async with connection(self.request.app[POOL]) as conn:
-            row = await store.insert_message(conn, username=self.request[USERNAME], phone=fields["phone"],
-                                             text=fields["text"], requested_provider=fields["provider"])
-        return json_response(message_body(row), status=201,
-                             headers={"Location": f"/api/v1/messages/{row['id']}"})
+            if key is None:
+                row = await store.insert_message(conn, username=username, phone=fields["phone"],
+                                                 text=fields["text"], requested_provider=fields["provider"])
+                created = True
+            else:
+                result = await store.insert_message_with_key(
+                    conn, username=username, key=key, request_hash=request_hash(fields), phone=fields["phone"],
+                    text=fields["text"], requested_provider=fields["provider"])
+                if not result.same_request:
+                    raise Problem(422, "This Idempotency-Key was used for a different request in the last 24 h.",
+                                  code="idempotency_key_reused")
+                row, created = result.message, result.created
+        headers = {"Location": f"/api/v1/messages/{row['id']}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return json_response(message_body(row), status=201 if created else 200, headers=headers)
 
     @docs(tags=["messages"], summary="List your messages, newest first",
           responses={200: {"schema": MessageListSchema, "description": "a page"}, **_problems(401, 422, 503)})

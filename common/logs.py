@@ -1,12 +1,15 @@
 """Logging: JSON lines for machines (one event per line), plain text when a person watches a terminal."""
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 from datetime import datetime, timezone
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is part of the event.
+# The request being served (set by the API's request-id middleware), added to every log line written for it.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
@@ -21,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = current_request_id.get()
+        if request_id is not None:
+            event["request_id"] = request_id
         event.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)

@@ -3,8 +3,8 @@
 Every value has a default, so a fresh clone runs with none of them set.  Environment variables win over the
 file: the contract's short names (``DATABASE_URL``, ``HOST``, ``PORT``, ``SENT_SMS_DIR``, ``LOG_LEVEL``) and, for
 any other key, ``SMSGATE_<SECTION>__<KEY>`` (for example ``SMSGATE_PROVIDERS__FILE__MAX_ATTEMPTS=5`` or
-``SMSGATE_DISPATCHER__LEASE_SECONDS=10``).  Values given through the environment are read as TOML values when
-they parse as one (numbers, booleans, arrays) and as plain strings otherwise.
+``SMSGATE_DISPATCHER__LEASE_SECONDS=10``).  A value given as text where a number, a boolean or a list is expected
+is read as a TOML value (``5``, ``0.5``, ``true``, ``["smsauth", "jwt"]``); text settings take the text as it is.
 
 Settings are checked once, at start-up: an unknown key or a value of the wrong type stops the process with a
 :class:`SettingsError` that names the key, instead of surfacing later as an odd runtime failure.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, TypeVar
 
@@ -82,6 +82,29 @@ class DispatcherSettings:
     default_provider: str | None = None
 
 
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
+AUTH_SCHEMES = ("smsauth", "jwt")
+
+
+@dataclass(frozen=True)
+class AuthSettings:  # pylint: disable=too-many-instance-attributes
+    """Which credentials the API accepts, and how JWTs from the SSO are checked."""
+
+    schemes: tuple[str, ...] = ("smsauth",)
+    jwt_algorithm: str = "HS256"
+    jwt_secret: str | None = None       # HS256: the shared secret
+    jwt_public_key: str | None = None   # RS256/ES256: the SSO's public key, PEM text (a path is read at start-up)
+    jwt_username_claim: str = "sub"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 30.0
+
+    @property
+    def jwt_key(self) -> str | None:
+        """The key tokens are verified with, for the configured algorithm."""
+        return self.jwt_secret if self.jwt_algorithm.startswith("HS") else self.jwt_public_key
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the API and the dispatchers are configured with."""
@@ -91,6 +114,7 @@ class Settings:
     data_dir: Path = PROJECT_ROOT / ".data"
     log_level: str = "INFO"
     api: ApiSettings = ApiSettings()
+    auth: AuthSettings = AuthSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
     providers: tuple[ProviderSettings, ...] = ()
 
@@ -124,6 +148,7 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     """Check a nested mapping (the TOML document's shape) and turn it into :class:`Settings`."""
     reader = _Reader(dict(raw), "")
     api = reader.section("api")
+    auth = reader.section("auth")
     dispatcher = reader.section("dispatcher")
     settings = Settings(
         database_url=reader.get("database_url", str, None) or None,
@@ -139,6 +164,7 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
             statement_timeout=api.number("statement_timeout", float, ApiSettings.statement_timeout,
                                          low=0.01, high=60),
         ),
+        auth=_auth(auth),
         dispatcher=DispatcherSettings(
             batch_size=dispatcher.number("batch_size", int, DispatcherSettings.batch_size, low=1, high=10_000),
             max_in_flight=dispatcher.number("max_in_flight", int, DispatcherSettings.max_in_flight,
@@ -155,10 +181,44 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
         ),
         providers=_providers(reader.section("providers", keep_unknown=True)),
     )
-    for section in (reader, api, dispatcher):
+    for section in (reader, api, auth, dispatcher):
         section.reject_unknown()
     _check_consistency(settings)
     return settings
+
+
+def _auth(section: _Reader) -> AuthSettings:
+    """The ``[auth]`` table; without ``schemes``, JWTs are accepted exactly when a key is configured."""
+    algorithm = section.get("jwt_algorithm", str, AuthSettings.jwt_algorithm).upper()
+    if algorithm not in JWT_ALGORITHMS:
+        raise SettingsError(f"auth.jwt_algorithm must be one of {', '.join(JWT_ALGORITHMS)}, not {algorithm!r}")
+    public_key = section.get("jwt_public_key", str, None) or None
+    if public_key is not None and not public_key.lstrip().startswith("-----BEGIN"):
+        try:
+            public_key = Path(public_key).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"auth.jwt_public_key: not PEM text and not a readable file: {exc}") from exc
+    auth = AuthSettings(
+        jwt_algorithm=algorithm,
+        jwt_secret=section.get("jwt_secret", str, None) or None,
+        jwt_public_key=public_key,
+        jwt_username_claim=section.get("jwt_username_claim", str, AuthSettings.jwt_username_claim),
+        jwt_issuer=section.get("jwt_issuer", str, None) or None,
+        jwt_audience=section.get("jwt_audience", str, None) or None,
+        jwt_leeway_seconds=section.number("jwt_leeway_seconds", float, AuthSettings.jwt_leeway_seconds,
+                                          low=0, high=3600),
+    )
+    default_schemes = ["smsauth", "jwt"] if auth.jwt_key else ["smsauth"]
+    schemes = section.get("schemes", list, default_schemes)
+    if not schemes or any(s not in AUTH_SCHEMES for s in schemes):
+        raise SettingsError(f"auth.schemes must be a non-empty list of {', '.join(AUTH_SCHEMES)}, not {schemes!r}")
+    if "jwt" in schemes and not auth.jwt_key:
+        raise SettingsError(f"auth.schemes has jwt but no key for {algorithm} is set "
+                            f"(auth.{'jwt_secret' if algorithm.startswith('HS') else 'jwt_public_key'})")
+    if algorithm.startswith("HS") and auth.jwt_secret is not None and len(auth.jwt_secret.encode()) < 32:
+        # RFC 7518 3.2: an HMAC key must be at least as long as the hash output (32 bytes for SHA-256).
+        raise SettingsError("auth.jwt_secret must be at least 32 bytes long")
+    return replace(auth, schemes=tuple(dict.fromkeys(schemes)))
 
 
 def _providers(section: _Reader) -> tuple[ProviderSettings, ...]:
@@ -208,19 +268,19 @@ def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, ...], Any]:
     found: dict[tuple[str, ...], Any] = {}
     for name, value in env.items():
         if name in SHORT_ENV_NAMES:
-            found[SHORT_ENV_NAMES[name]] = value if name != "PORT" else _parse_env_value(value)
+            found[SHORT_ENV_NAMES[name]] = value
         elif name.startswith(ENV_PREFIX) and "__" in name:
             parts = name[len(ENV_PREFIX):].split("__")
             key = tuple(p.lower() for p in parts)
             if key and key[0] == "providers" and len(key) == 3:
                 key = ("providers", parts[1].lower(), parts[2].lower())
-            found[key] = _parse_env_value(value)
+            found[key] = value
         elif name.startswith(ENV_PREFIX) and name != CONFIG_ENV:
-            found[(name[len(ENV_PREFIX):].lower(),)] = _parse_env_value(value)
+            found[(name[len(ENV_PREFIX):].lower(),)] = value
     return found
 
 
-def _parse_env_value(value: str) -> Any:
+def _parse_text_value(value: str) -> Any:
     """A TOML value when the text is one (5, 0.5, true, ["RU"]), else the text itself."""
     try:
         return tomllib.loads(f"v = {value}")["v"]
@@ -254,6 +314,8 @@ class _Reader:
         if key not in self.data:
             return default
         value = self.data[key]
+        if isinstance(value, str) and kind is not str:
+            value = _parse_text_value(value)  # from the environment, where every value is text
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

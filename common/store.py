@@ -16,13 +16,16 @@ from typing import Any, Sequence
 import aiopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.database import Query, Row, fetch_all, fetch_one
 from common.domain import AttemptResult, DeliveryStatus, SendStatus
-from common.tables import attempts, messages
+from common.tables import attempts, idempotency_keys, messages
 
 m = messages.c
 a = attempts.c
+k = idempotency_keys.c
+IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 
 ABANDONED_ERROR = "the dispatcher stopped before the attempt finished"
 MESSAGE_COLUMNS = [m.id, m.username, m.phone, m.text, m.requested_provider, m.provider, m.send_status,
@@ -54,6 +57,32 @@ INSERT_MESSAGE = Query(
             requested_provider=sa.bindparam("requested_provider"))
     .returning(*MESSAGE_COLUMNS),
     "insert_message")
+
+# With an Idempotency-Key: claim the key and insert the message in one statement.  A fresh entry for the key
+# (another request's, committed or still in flight: the primary key makes us wait for it) stops the INSERT, and
+# the caller then reads that entry; an entry older than the window is taken over.
+_key = (pg_insert(idempotency_keys)
+        .values(username=sa.bindparam("username"), key=sa.bindparam("key"), request_hash=sa.bindparam("hash"),
+                message_id=sa.bindparam("id", type_=UUID(as_uuid=True)))
+        .on_conflict_do_update(
+            index_elements=[k.username, k.key],
+            set_={"request_hash": sa.bindparam("hash"), "message_id": sa.bindparam("id"), "created_at": sa.func.now()},
+            where=k.created_at < sa.func.now() - sa.cast(sa.bindparam("window"), sa.Interval))
+        .returning(k.message_id)
+        .cte("claimed_key"))
+INSERT_MESSAGE_WITH_KEY = Query(
+    sa.insert(messages)
+    .from_select(["id", "username", "phone", "text", "requested_provider"],
+                 sa.select(_key.c.message_id, sa.bindparam("username"), sa.bindparam("phone"), sa.bindparam("text"),
+                           sa.bindparam("requested_provider", type_=sa.Text)))
+    .returning(*MESSAGE_COLUMNS),
+    "insert_message_with_key")
+
+GET_BY_KEY = Query(
+    sa.select(k.request_hash, *MESSAGE_COLUMNS)
+    .select_from(idempotency_keys.join(messages, m.id == k.message_id))
+    .where(k.username == sa.bindparam("username"), k.key == sa.bindparam("key")),
+    "get_by_idempotency_key")
 
 GET_MESSAGE = Query(
     sa.select(*MESSAGE_COLUMNS)
@@ -90,6 +119,33 @@ async def insert_message(conn: aiopg.Connection, *, username: str, phone: str, t
     assert row is not None
     row["attempts"] = []
     return row
+
+
+@dataclass(frozen=True)
+class KeyedInsert:
+    """What a POST with an Idempotency-Key came to."""
+
+    message: Row
+    created: bool       # False: an earlier request with this key made the message
+    same_request: bool  # False: the key was used before for a different request
+
+
+async def insert_message_with_key(conn: aiopg.Connection, *, username: str, key: str, request_hash: str,
+                                  phone: str, text: str, requested_provider: str | None) -> KeyedInsert:
+    """Insert a message under an Idempotency-Key, or find the one an earlier request with the key made."""
+    for _ in range(2):  # the entry found may expire or vanish between the two statements: look once more
+        row = await fetch_one(conn, INSERT_MESSAGE_WITH_KEY, id=uuid.uuid4(), username=username, key=key,
+                              hash=request_hash, window=IDEMPOTENCY_WINDOW, phone=phone, text=text,
+                              requested_provider=requested_provider)
+        if row is not None:
+            row["attempts"] = []
+            return KeyedInsert(row, created=True, same_request=True)
+        earlier = await fetch_one(conn, GET_BY_KEY, username=username, key=key)
+        if earlier is not None:
+            same = earlier.pop("request_hash") == request_hash
+            await _attach_attempts(conn, [earlier])
+            return KeyedInsert(earlier, created=False, same_request=same)
+    raise RuntimeError("the idempotency key kept changing under us")  # pragma: no cover
 
 
 async def get_message(conn: aiopg.Connection, *, username: str, message_id: uuid.UUID) -> Row | None:

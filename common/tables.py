@@ -29,6 +29,15 @@ messages = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+idempotency_keys = sa.Table(
+    "idempotency_keys", metadata,
+    sa.Column("username", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("request_hash", sa.Text, nullable=False),
+    sa.Column("message_id", UUID(as_uuid=True), sa.ForeignKey("messages.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 attempts = sa.Table(
     "attempts", metadata,
     sa.Column("message_id", UUID(as_uuid=True), sa.ForeignKey("messages.id"), primary_key=True),

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from api.app import create_app
 from common.database import apply_schema, create_database, create_pool, embedded_dsn, with_database
 from common.settings import PROJECT_ROOT, Settings
+from common.tables import metadata
 from tests.helpers import Dispatchers, make_settings
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -55,7 +56,7 @@ def clean_database(request: pytest.FixtureRequest) -> None:
     conn = psycopg2.connect(test_dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE messages, attempts")
+        cur.execute(f"TRUNCATE {', '.join(table.name for table in metadata.sorted_tables)}")
     conn.close()
 
 

@@ -298,6 +298,7 @@ async def test_kill_9_mid_stream_loses_nothing(pool: aiopg.Pool, dispatchers: Di
     proc = _spawn_dispatcher(dsn, settings.sent_sms_dir, SMSGATE_DISPATCHER__BATCH_SIZE="4")
 
     async def some_attempts() -> bool:
+        assert proc.poll() is None, "the dispatcher process died"
         return bool((await rows(pool, "SELECT count(*) AS n FROM attempts"))[0]["n"] > 20)
     await wait_until(some_attempts, within=20)
     proc.send_signal(signal.SIGKILL)

@@ -105,6 +105,16 @@ class Provider(abc.ABC):
         if options:
             raise ProviderConfigError(f"providers.{self.name}: unknown setting(s) {', '.join(sorted(options))}")
 
+    def seconds_option(self, value: Any, key: str) -> float:
+        """An option that is a number of seconds >= 0 (text from the environment is accepted)."""
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = -1.0
+        if isinstance(value, bool) or not seconds >= 0 or seconds == float("inf"):
+            raise ProviderConfigError(f"providers.{self.name}.{key} must be a number of seconds >= 0, not {value!r}")
+        return seconds
+
     async def send(self, sms: Sms) -> SendReceipt:
         """Hand ``sms`` to the provider within its timeout; raise :class:`ProviderError` when it did not take it."""
         started = time.monotonic()

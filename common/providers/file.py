@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from common.domain import DeliveryStatus
 from common.providers import register
-from common.providers.base import DeliveryReport, Provider, ProviderConfigError, ProviderError, SendReceipt, Sms
+from common.providers.base import DeliveryReport, Provider, ProviderError, SendReceipt, Sms
 
 MAX_NAME_TRIES = 10_000  # more same-microsecond sends to one number than this is not a burst but a bug
 
@@ -36,10 +36,7 @@ class FileProvider(Provider):
     def configure(self, options: Mapping[str, Any]) -> None:
         """Accepts ``delivery_delay`` (seconds, >= 0)."""
         rest = dict(options)
-        delay = rest.pop("delivery_delay", self.delivery_delay)
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
-            raise ProviderConfigError(f"providers.{self.name}.delivery_delay must be a number >= 0, not {delay!r}")
-        self.delivery_delay = float(delay)
+        self.delivery_delay = self.seconds_option(rest.pop("delivery_delay", self.delivery_delay), "delivery_delay")
         super().configure(rest)
 
     async def _send(self, sms: Sms) -> SendReceipt:

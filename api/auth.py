@@ -1,0 +1,101 @@
+"""Who is calling: ``SMSAUTH:<username>`` or a JWT from the SSO (``Bearer <token>``), per ``[auth]`` settings.
+
+No user records are kept: the username is the credential (SMSAUTH) or a claim of a token the SSO signed.  For
+JWTs only the configured algorithm is accepted, which shuts out ``alg: none`` and the key-confusion attack (an
+HS256 token "signed" with an RS256 public key); ``exp`` is required, ``nbf``/``iat`` are checked with a small
+leeway, ``iss``/``aud`` when configured.  Each rejection has its own ``code``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from api.problems import Problem
+from common.domain import USERNAME_PATTERN
+from common.settings import AuthSettings
+
+SMSAUTH_PREFIX = "SMSAUTH:"
+BEARER_PREFIX = "Bearer "
+MAX_TOKEN_LENGTH = 4096  # real SSO tokens are far shorter; aiohttp itself caps a header line at 8190 bytes
+CHALLENGE = {"WWW-Authenticate": 'SMSAUTH realm="smsgate", Bearer realm="smsgate"'}
+
+# PyJWT's exceptions, most specific first, and the code each one answers with.
+_JWT_ERRORS: tuple[tuple[type[jwt.InvalidTokenError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "token_expired", "The token has expired."),
+    (jwt.ImmatureSignatureError, "token_not_yet_valid", "The token is not valid yet (nbf or iat)."),
+    (jwt.InvalidSignatureError, "invalid_signature", "The token's signature does not verify."),
+    (jwt.MissingRequiredClaimError, "missing_claim", "The token lacks a required claim."),
+    (jwt.InvalidIssuerError, "invalid_issuer", "The token was issued by someone else."),
+    (jwt.InvalidAudienceError, "invalid_audience", "The token is meant for another audience."),
+    (jwt.InvalidAlgorithmError, "algorithm_not_allowed", "The token's algorithm is not accepted."),
+    (jwt.InvalidTokenError, "invalid_token", "The token is malformed."),
+)
+
+
+class Authenticator:
+    """Checks an ``Authorization`` header against the ``[auth]`` settings; built once per application."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        """Load the verification key once (parsing PEM per request would be wasted work)."""
+        self.settings = settings
+        self.key: Any = settings.jwt_key
+        if self.key is not None and not settings.jwt_algorithm.startswith("HS"):
+            self.key = load_pem_public_key(self.key.encode())
+
+    def username(self, header: str | None) -> str:
+        """The caller's username, or a 401 problem saying what is wrong."""
+        if not header:
+            raise _unauthorized("authentication_required",
+                                "Send 'Authorization: SMSAUTH:<username>' or 'Authorization: Bearer <token>'.")
+        if header.startswith(SMSAUTH_PREFIX):
+            self._require_scheme("smsauth")
+            return _checked_username(header[len(SMSAUTH_PREFIX):])
+        if header.startswith(BEARER_PREFIX):
+            self._require_scheme("jwt")
+            return self._jwt_username(header[len(BEARER_PREFIX):].strip())
+        raise _unauthorized("unsupported_auth_scheme", "Unsupported authorization scheme; use SMSAUTH or Bearer.")
+
+    def _require_scheme(self, scheme: str) -> None:
+        """401 when ``scheme`` is switched off in the settings."""
+        if scheme not in self.settings.schemes:
+            raise _unauthorized("auth_scheme_disabled", f"The {scheme} scheme is turned off on this service.")
+
+    def _jwt_username(self, token: str) -> str:
+        """Verify ``token`` and return its username claim."""
+        cfg = self.settings
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise _unauthorized("invalid_token", "The token is missing or too long.")
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+        except jwt.InvalidTokenError as exc:
+            raise _unauthorized("invalid_token", "The token is malformed.") from exc
+        if not isinstance(algorithm, str) or algorithm.lower() == "none":
+            raise _unauthorized("unsigned_token", "Unsigned tokens (alg: none) are never accepted.")
+        if algorithm != cfg.jwt_algorithm:
+            # Before any key is used: "none", or HS256 against an RSA public key, never reaches verification.
+            raise _unauthorized("algorithm_not_allowed", f"Only {cfg.jwt_algorithm} tokens are accepted.")
+        try:
+            claims = jwt.decode(token, self.key, algorithms=[cfg.jwt_algorithm], audience=cfg.jwt_audience,
+                                issuer=cfg.jwt_issuer, leeway=cfg.jwt_leeway_seconds,
+                                options={"require": ["exp"], "verify_aud": cfg.jwt_audience is not None})
+        except jwt.InvalidTokenError as exc:
+            code, detail = next((c, d) for kind, c, d in _JWT_ERRORS if isinstance(exc, kind))
+            raise _unauthorized(code, detail) from exc
+        value = claims.get(cfg.jwt_username_claim)
+        if not isinstance(value, str):
+            raise _unauthorized("missing_claim", f"The token has no '{cfg.jwt_username_claim}' string claim.")
+        return _checked_username(value)
+
+
+def _checked_username(username: str) -> str:
+    """``username`` when it is 1-64 allowed characters, else a 401 problem."""
+    if not USERNAME_PATTERN.fullmatch(username):
+        raise _unauthorized("invalid_username", "The username must be 1-64 characters of A-Z a-z 0-9 . _ @ + -.")
+    return username
+
+
+def _unauthorized(code: str, detail: str) -> Problem:
+    """A 401 problem with the challenge header."""
+    return Problem(401, detail, code=code, headers=CHALLENGE)

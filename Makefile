@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 SOURCES := api common dispatcher tests
 
 .DEFAULT_GOAL := help
-.PHONY: help install run api dispatcher migrate test unit lint typecheck docstrings fmt clean
+.PHONY: help install run api dispatcher migrate db-stop test unit lint typecheck docstrings deploy-check fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -16,7 +16,8 @@ help:  ## list the targets
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-e '.[dev,embedded]'
 	touch $@
 
 install: $(STAMP)  ## create .venv and install (done by every other target when needed)
@@ -33,12 +34,15 @@ dispatcher: $(STAMP)  ## one dispatcher alone (start as many as you like)
 migrate: $(STAMP)  ## apply schema.sql (idempotent)
 	$(BIN)/python -m common migrate
 
+db-stop:  ## stop the embedded PostgreSQL (it keeps running between runs for a quick start)
+	test ! -x $(BIN)/python || $(BIN)/python -m common stop-db
+
 test: lint unit  ## linters, type checks, docstring coverage and the whole suite with coverage
 
 unit: $(STAMP)  ## the test suite with coverage, no linters
 	$(BIN)/python -m pytest
 
-lint: $(STAMP) typecheck docstrings  ## flake8, pylint, mypy --strict, interrogate
+lint: $(STAMP) typecheck docstrings deploy-check  ## flake8, pylint, mypy --strict, interrogate, deploy files
 	$(BIN)/flake8 $(SOURCES)
 	$(BIN)/pylint --rcfile=setup.cfg $(SOURCES)
 
@@ -48,8 +52,15 @@ typecheck: $(STAMP)
 docstrings: $(STAMP)
 	$(BIN)/interrogate -c setup.cfg $(SOURCES)
 
+deploy-check: $(STAMP)  ## docker/, docker-compose.yml and the CI pipelines against their schemas (no Docker needed)
+	VENV=$(VENV) bash docker/validate.sh
+
+deploy-smoke: $(STAMP)  ## deploy-check, plus the image's file layout run outside Docker against PostgreSQL
+	VENV=$(VENV) bash docker/validate.sh --smoke
+
 fmt: $(STAMP)  ## sort imports
 	$(BIN)/isort $(SOURCES)
 
-clean:  ## remove the virtualenv, the embedded database and caches
-	rm -rf $(VENV) .data .mypy_cache .pytest_cache .coverage .coverage.* htmlcov
+clean: db-stop  ## stop the embedded PostgreSQL, then remove it, the virtualenv and caches
+	rm -rf $(VENV) .data .mypy_cache .pytest_cache .hypothesis .schemathesis .coverage .coverage.* htmlcov \
+		*.egg-info

@@ -1,11 +1,11 @@
 """``python -m api``: the HTTP API, until SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
+import asyncio
 import sys
 
-from aiohttp import web
-
 from api.app import create_app
+from api.server import serve
 from common.database import resolve_dsn
 from common.logs import setup_logging
 from common.providers import ProviderConfigError
@@ -21,8 +21,7 @@ def main() -> int:
     except (SettingsError, ProviderConfigError) as exc:
         print(f"smsgate api: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=settings.api.host, port=settings.api.port, print=None, access_log=None,
-                shutdown_timeout=5)
+    asyncio.run(serve(app, settings.api.host, settings.api.port))
     return 0
 
 

@@ -11,6 +11,7 @@ from aiohttp_apispec import setup_aiohttp_apispec
 from api.auth import Authenticator
 from api.keys import AUTHENTICATOR, DSN, METRICS, POOL, PROVIDERS, SETTINGS
 from api.metrics import HttpMetrics
+from api.openapi import finish_document, reset_view_docs
 from api.middlewares import (auth_middleware, deadline_middleware, error_middleware, metrics_middleware,
                              request_id_middleware, validation_problem)
 from api.views import VIEWS
@@ -49,12 +50,14 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app.cleanup_ctx.append(database_context)
     for path, view in VIEWS:
         app.router.add_view(path, view)
+    reset_view_docs(view for _, view in VIEWS)
     with warnings.catch_warnings():
         # aiohttp-apispec 2.2.3 (the newest) keeps its state under string keys, which aiohttp now warns about.
         warnings.simplefilter("ignore", web.NotAppKeyWarning)
         setup_aiohttp_apispec(app, title="smsgate", version=API_VERSION, url="/api/docs/swagger.json",
                               swagger_path="/api/docs", static_path="/api/static/swagger",
                               error_callback=_raise_validation_problem, in_place=True)
+    finish_document(app["swagger_dict"], list(app[PROVIDERS].keys()))
     return app
 
 

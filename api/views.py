@@ -58,12 +58,16 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 def query_params(request: web.Request) -> dict[str, str]:
-    """The query string as a plain mapping; a parameter given twice is a 422 problem."""
+    """The query string as a plain mapping.  An empty parameter (``?phone=``, as forms send) counts as absent;
+    one given twice is a 422 problem."""
     params: dict[str, str] = {}
+    seen: set[str] = set()
     for key, value in request.query.items():
-        if key in params:
+        if key in seen:
             raise Problem(422, "Request is invalid.", code="validation_error", errors={key: ["Given more than once."]})
-        params[key] = value
+        seen.add(key)
+        if value != "":
+            params[key] = value
     return params
 
 
@@ -151,7 +155,7 @@ class MessageView(web.View):
     """``/api/v1/messages/{id}``: one of the caller's messages."""
 
     @docs(tags=["messages"], summary="A message with its attempts",
-          parameters=[{"in": "path", "name": "id", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+          parameters=[{"in": "path", "name": "id", "required": True, "type": "string", "format": "uuid"}],
           responses={200: {"schema": MessageSchema, "description": "the message"}, **_problems(401, 404, 503)})
     async def get(self) -> web.Response:
         """The message, or 404 when it does not exist or belongs to someone else (never 403: no leak)."""
@@ -206,7 +210,8 @@ class ReadyView(web.View):
 class MetricsView(web.View):
     """``/metrics``: Prometheus text format."""
 
-    @docs(tags=["service"], summary="Prometheus metrics")
+    @docs(tags=["service"], summary="Prometheus metrics",
+          responses={200: {"description": "Prometheus text exposition format"}})
     async def get(self) -> web.Response:
         """The request counters and latency histograms."""
         body = self.request.app[METRICS].render()

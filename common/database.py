@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
@@ -54,6 +57,20 @@ def embedded_dsn(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
     admin_dsn = str(server.get_uri())
     create_database(admin_dsn, database)
     return with_database(admin_dsn, database)
+
+
+def stop_embedded(pgdata: Path, wait: float = 30.0) -> bool:
+    """Stop the embedded PostgreSQL in ``pgdata`` (a fast shutdown); False when none was running there."""
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text(encoding="ascii").split()[0])
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit
+    except (OSError, ValueError, IndexError):
+        return False
+    deadline = time.monotonic() + wait
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
 
 
 def with_database(dsn: str, database: str) -> str:

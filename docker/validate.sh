@@ -10,18 +10,19 @@
 # HEALTHCHECK command and a dispatcher from it against a fresh database on DATABASE_URL's server (or the
 # embedded one). That needs the package index and takes a minute or two.
 #
-# usage: docker/validate.sh [--smoke]        (VENV=path picks the venv holding the tools; default .venv)
+# usage: docker/validate.sh [--smoke]   (VENV: the venv holding the tools, default .venv; PYTHON: for --smoke's venv)
 # Exits non-zero when any check fails; every check runs and is reported either way.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
 VENV=${VENV:-.venv}
+[ -d "$VENV" ] && VENV=$(cd "$VENV" && pwd)
 PY=$VENV/bin/python
 SMOKE=0
 for arg in "$@"; do
   case $arg in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
   esac
 done
@@ -292,7 +293,7 @@ PYTHON
 
   echo "smoke: the HEALTHCHECK command, as the Dockerfile has it"
   local healthcheck=()
-  mapfile -t healthcheck < <("$root/$PY" - "$root/docker/Dockerfile" <<'PYTHON'
+  mapfile -t healthcheck < <("$PY" - "$root/docker/Dockerfile" <<'PYTHON'
 import json, re, sys
 text = re.sub(r"\\\n", " ", open(sys.argv[1]).read())
 line = [l for l in text.splitlines() if l.startswith("HEALTHCHECK")][-1]

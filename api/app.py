@@ -9,11 +9,11 @@ from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec
 
 from api.auth import Authenticator
-from api.keys import AUTHENTICATOR, DSN, METRICS, POOL, PROVIDERS, SETTINGS
-from api.metrics import HttpMetrics
+from api.keys import AUTHENTICATOR, DSN, LOAD, METRICS, POOL, PROVIDERS, SETTINGS
+from api.metrics import HttpMetrics, LoadState
 from api.openapi import finish_document, reset_view_docs
-from api.middlewares import (auth_middleware, deadline_middleware, error_middleware, metrics_middleware,
-                             request_id_middleware, validation_problem)
+from api.middlewares import (auth_middleware, deadline_middleware, docs_static_middleware, error_middleware,
+                             metrics_middleware, overload_middleware, request_id_middleware, validation_problem)
 from api.views import VIEWS
 from common.database import create_pool, quiet_statement_timeouts
 from common.providers import build_providers
@@ -36,10 +36,10 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the API for ``settings`` against the database at ``dsn``."""
     # Outermost first: every answer gets its request id; metrics see the final status; errors become problems;
-    # the deadline bounds everything below it, authentication included.
+    # excess load is shed before any work; the deadline bounds everything below it, authentication included.
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, error_middleware, deadline_middleware,
-                     auth_middleware],
+        middlewares=[request_id_middleware, metrics_middleware, error_middleware, docs_static_middleware,
+                     overload_middleware, deadline_middleware, auth_middleware],
         client_max_size=settings.api.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -47,6 +47,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[PROVIDERS] = build_providers(settings)
     app[AUTHENTICATOR] = Authenticator(settings.auth)
     app[METRICS] = HttpMetrics()
+    app[LOAD] = LoadState()
     app.cleanup_ctx.append(database_context)
     for path, view in VIEWS:
         app.router.add_view(path, view)

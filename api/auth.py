@@ -44,8 +44,11 @@ class Authenticator:
         if self.key is not None and not settings.jwt_algorithm.startswith("HS"):
             self.key = load_pem_public_key(self.key.encode())
 
-    def username(self, header: str | None) -> str:
-        """The caller's username, or a 401 problem saying what is wrong."""
+    def username(self, headers: list[str]) -> str:
+        """The caller's username from the Authorization header(s), or a 401 problem saying what is wrong."""
+        if len(headers) > 1:
+            raise _unauthorized("ambiguous_credentials", "Send one Authorization header, not several.")
+        header = headers[0] if headers else ""
         if not header:
             raise _unauthorized("authentication_required",
                                 "Send 'Authorization: SMSAUTH:<username>' or 'Authorization: Bearer <token>'.")

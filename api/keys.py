@@ -5,7 +5,7 @@ import aiopg
 from aiohttp import web
 
 from api.auth import Authenticator
-from api.metrics import HttpMetrics
+from api.metrics import HttpMetrics, LoadState
 from common.providers import Provider
 from common.settings import Settings
 
@@ -14,6 +14,9 @@ DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", aiopg.Pool)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 METRICS = web.AppKey("metrics", HttpMetrics)
+LOAD = web.AppKey("load", LoadState)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 USERNAME = web.RequestKey("username", str)
 REQUEST_ID = web.RequestKey("request_id", str)
+DEADLINE = web.RequestKey("deadline", float)       # loop time by which the answer must be under way
+COMMITTING = web.RequestKey("committing", bool)    # a COMMIT has been sent and its outcome is awaited

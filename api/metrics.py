@@ -1,10 +1,20 @@
 """Request metrics for Prometheus, kept in a registry of the application's own (tests build many apps)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics", "LoadState"]
+
+
+@dataclass
+class LoadState:
+    """Requests in progress now, and how many were shed since start (see the overload middleware)."""
+
+    in_flight: int = 0
+    shed: int = 0
 
 
 class HttpMetrics:

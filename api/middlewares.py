@@ -2,26 +2,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+import aiohttp_apispec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from marshmallow import ValidationError
 
-from api.keys import AUTHENTICATOR, METRICS, REQUEST_ID, SETTINGS, USERNAME
+from api.keys import AUTHENTICATOR, COMMITTING, DEADLINE, LOAD, METRICS, REQUEST_ID, SETTINGS, USERNAME
 from api.problems import Problem, problem_response
 from common.database import DatabaseUnavailable
 from common.logs import current_request_id
 
 log = logging.getLogger("smsgate.api")
+access_log = logging.getLogger("smsgate.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PUBLIC_PREFIXES = ("/api/docs", "/api/static")  # the Swagger UI and its OpenAPI document need no auth
+SWAGGER_STATIC_PREFIX = "/api/static/swagger/"
+SWAGGER_STATIC_DIR = Path(aiohttp_apispec.__file__).parent / "static"
 
 
 @web.middleware
@@ -65,26 +71,67 @@ def _http_detail(exc: web.HTTPException) -> str:
 
 
 @web.middleware
+async def docs_static_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A missing Swagger UI file is a 404 problem (aiohttp's static route finds out only while answering)."""
+    if request.path.startswith(SWAGGER_STATIC_PREFIX):
+        name = request.path[len(SWAGGER_STATIC_PREFIX):]
+        if not name or "/" in name or name.startswith(".") or not (SWAGGER_STATIC_DIR / name).is_file():
+            raise web.HTTPNotFound()
+    return await handler(request)
+
+
+@web.middleware
 async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer within ``request_deadline``: past it, cancel the work (and its database statement) and say 503.
 
-    Cancelling an aiopg statement closes its connection, and :func:`common.database.transaction` discards a
-    connection on any exception, so no connection goes back to the pool inside a transaction.
+    A 503 must mean "nothing was stored", so writes run in a transaction whose statements the server itself
+    stops before the deadline (see :func:`api.views.write_transaction`); cancelling one mid-statement closes its
+    connection, which rolls it back.  Only a COMMIT already sent cannot be taken back: it gets ``commit_grace``
+    more to report its outcome truthfully (a 201, or a 503 when it failed).
     """
-    deadline = request.app[SETTINGS].api.request_deadline
+    cfg = request.app[SETTINGS].api
+    loop = asyncio.get_running_loop()
+    request[DEADLINE] = loop.time() + cfg.request_deadline
+    task = asyncio.ensure_future(handler(request))
     try:
-        async with asyncio.timeout(deadline):
-            return await handler(request)
-    except TimeoutError as exc:
-        raise Problem(503, f"No answer could be had within {deadline:g}s; try again.", code="deadline_exceeded",
-                      headers={"Retry-After": "1"}) from exc
+        done, _ = await asyncio.wait({task}, timeout=cfg.request_deadline)
+        if not done and request.get(COMMITTING, False):
+            done, _ = await asyncio.wait({task}, timeout=cfg.commit_grace)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task  # let it close its connection before we answer
+    raise Problem(503, f"No answer could be had within {cfg.request_deadline:g}s; nothing was stored; try again.",
+                  code="deadline_exceeded", headers={"Retry-After": "1"})
+
+
+@web.middleware
+async def overload_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Shed load: past ``max_concurrency`` requests in progress, answer 503 at once instead of slowly.
+
+    Queueing more work than the pool and the CPU can finish in time only turns every answer late; a quick
+    503 with Retry-After keeps the rest within the deadline.  The service routes are never shed.
+    """
+    state = request.app[LOAD]
+    if request.path.startswith("/api/v1/") and state.in_flight >= request.app[SETTINGS].api.max_concurrency:
+        state.shed += 1
+        raise Problem(503, "The service is busy; try again shortly.", code="overloaded", headers={"Retry-After": "1"})
+    state.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        state.in_flight -= 1
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """``/api/...`` needs credentials (see :mod:`api.auth`); the username is kept on the request."""
     if request.path.startswith("/api/") and not request.path.startswith(PUBLIC_PREFIXES):
-        request[USERNAME] = request.app[AUTHENTICATOR].username(request.headers.get("Authorization"))
+        request[USERNAME] = request.app[AUTHENTICATOR].username(request.headers.getall("Authorization", []))
     return await handler(request)
 
 
@@ -105,7 +152,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count requests and time them, labelled by route (not by raw path, which would explode the series)."""
+    """Count, time and log each request, labelled by route (not by raw path, which would explode the series)."""
     started = time.perf_counter()
     status = 500
     try:
@@ -115,4 +162,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].observe(request.method, route, status, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        request.app[METRICS].observe(request.method, route, status, seconds)
+        access_log.info("%s %s %s", request.method, route, status, extra={
+            "event": "http_request", "method": request.method, "route": route, "status": status,
+            "duration_ms": round(seconds * 1000, 2), "user": request.get(USERNAME)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import re
 import uuid
 from typing import Any, Mapping
 
@@ -14,6 +15,21 @@ from common.phones import InvalidPhone, normalize_phone
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ASCII_INT = re.compile(r"[0-9]{1,9}")
+
+
+class AsciiInteger(fields.Integer):
+    """An integer written in plain ASCII digits (``int()`` alone would take "١٠", "1_0" and " 1 ")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> int:
+        """Digits only, then the usual checks."""
+        if isinstance(value, str) and not ASCII_INT.fullmatch(value):
+            raise self.make_error("invalid")
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if result is None:  # pragma: no cover  # marshmallow passes None only for allow_none fields
+            raise self.make_error("null")
+        return int(result)
 
 
 class Phone(fields.String):
@@ -41,8 +57,10 @@ class Cursor(fields.String):
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
             stamp, _, ident = raw.partition("|")
             created = dt.datetime.fromisoformat(stamp)
-            if created.tzinfo is None:
-                raise ValueError("no offset")
+            if created.utcoffset() != dt.timedelta(0):
+                raise ValueError("cursors are made in UTC")
+            if not CANONICAL_UUID.fullmatch(ident):
+                raise ValueError("not a canonical uuid")
             return created, uuid.UUID(ident)
         except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
             raise ValidationError("Not a valid cursor; use next_cursor from a previous page.") from exc
@@ -124,7 +142,7 @@ class MessageSchema(Schema):
 class MessageListQuerySchema(StrictSchema):
     """Query parameters of ``GET /api/v1/messages``."""
 
-    limit = fields.Integer(load_default=DEFAULT_PAGE, validate=validate.Range(1, MAX_PAGE), strict=False)
+    limit = AsciiInteger(load_default=DEFAULT_PAGE, validate=validate.Range(1, MAX_PAGE))
     cursor = Cursor(load_default=None)
     send_status = fields.String(load_default=None, validate=validate.OneOf([s.value for s in SendStatus]))
     delivery_status = fields.String(load_default=None,

@@ -63,7 +63,8 @@ class AppRunner(web.AppRunner):
 
 async def serve(app: web.Application, host: str, port: int, **runner_args: Any) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully."""
-    runner = AppRunner(app, access_log=None, **runner_args)
+    # Idle keep-alive connections (and half-sent requests) are dropped after 15 s rather than aiohttp's 75 s.
+    runner = AppRunner(app, access_log=None, keepalive_timeout=15, **runner_args)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, shutdown_timeout=5).start()

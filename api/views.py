@@ -1,28 +1,32 @@
 """The routes of the contract, one ``web.View`` class each; ``VIEWS`` lists them with their paths."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 import uuid
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import aiopg
 from aiohttp import web
 
-from api.keys import METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
+from api.keys import COMMITTING, DEADLINE, METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
 from api.metrics import CONTENT_TYPE_LATEST
 from api.openapi import docs, querystring_schema, request_schema
 from api.problems import Problem
 from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageListSchema, MessageSchema,
                          ProblemSchema, ProviderListSchema, StatusSchema, encode_cursor)
 from common import store
-from common.database import connection, ping
+from common.database import connection, ping, transaction
 
 MESSAGE_SCHEMA = MessageSchema()
 LIST_SCHEMA = MessageListSchema()
 PROVIDER_LIST_SCHEMA = ProviderListSchema()
 CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 JSON_TYPES = ("application/json",)
+STATEMENT_MARGIN = 0.05  # seconds between the server's statement limit and the request's deadline
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")
 
@@ -38,17 +42,30 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
                         headers=headers)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice makes the body ambiguous, so it is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx problem saying what is wrong with it."""
-    if request.content_type not in JSON_TYPES:
-        raise Problem(415, "Send the body as application/json.", code="unsupported_media_type")
-    raw = await request.read()  # aiohttp answers 413 past client_max_size
+    charset = (request.charset or "utf-8").lower()
+    if request.content_type not in JSON_TYPES or charset not in ("utf-8", "utf8"):
+        raise Problem(415, "Send the body as application/json (UTF-8).", code="unsupported_media_type")
+    try:
+        raw = await request.read()  # aiohttp answers 413 past client_max_size
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not gzip
+        raise Problem(400, "The request body could not be read (check Content-Encoding and framing).",
+                      code="invalid_body") from exc
     if not raw.strip():
         raise Problem(400, "The request body is empty; send a JSON object.", code="empty_body")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise Problem(400, "The request body is not valid UTF-8 JSON.", code="invalid_json") from exc
+        raise Problem(400, "The request body is not valid UTF-8 JSON with unique keys.", code="invalid_json") from exc
     except RecursionError as exc:
         raise Problem(400, "The request body is nested too deeply.", code="invalid_json") from exc
     if not isinstance(data, dict):
@@ -69,6 +86,23 @@ def query_params(request: web.Request) -> dict[str, str]:
         if value != "":
             params[key] = value
     return params
+
+
+def write_transaction(request: web.Request) -> AbstractAsyncContextManager[aiopg.Connection]:
+    """A transaction whose statements the server stops before the request's deadline.
+
+    So a write that cannot finish in time is rolled back by the server, and the 503 the client then gets means
+    that nothing was stored.  The COMMIT is flagged, so the deadline lets it report its real outcome.
+    """
+    loop = asyncio.get_running_loop()
+
+    def time_left() -> float:
+        return request[DEADLINE] - loop.time() - STATEMENT_MARGIN
+
+    def committing() -> None:
+        request[COMMITTING] = True
+
+    return transaction(request.app[POOL], statement_timeout=time_left, before_commit=committing)
 
 
 def idempotency_key(request: web.Request) -> str | None:
@@ -94,7 +128,19 @@ def message_body(row: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-class MessagesView(web.View):
+class ReadView(web.View):
+    """A view whose GET also answers HEAD (status and headers, no body), as load balancers and caches expect."""
+
+    async def get(self) -> web.StreamResponse:
+        """Subclasses answer GET."""
+        raise web.HTTPMethodNotAllowed(self.request.method, [])
+
+    async def head(self) -> web.StreamResponse:
+        """The GET answer; aiohttp sends no body for HEAD."""
+        return await self.get()
+
+
+class MessagesView(ReadView):
     """``/api/v1/messages``: send a message; list the caller's messages."""
 
     @docs(tags=["messages"], summary="Send an SMS",
@@ -117,7 +163,7 @@ class MessagesView(web.View):
         names: list[str] = list(self.request.app[PROVIDERS].keys())
         fields = MessageCreateSchema(context={"providers": names}).load(data)
         username = self.request[USERNAME]
-        async with connection(self.request.app[POOL]) as conn:
+        async with write_transaction(self.request) as conn:
             if key is None:
                 row = await store.insert_message(conn, username=username, phone=fields["phone"],
                                                  text=fields["text"], requested_provider=fields["provider"])
@@ -151,7 +197,7 @@ class MessagesView(web.View):
         return json_response({"items": [message_body(r) for r in page], "next_cursor": cursor})
 
 
-class MessageView(web.View):
+class MessageView(ReadView):
     """``/api/v1/messages/{id}``: one of the caller's messages."""
 
     @docs(tags=["messages"], summary="A message with its attempts",
@@ -169,7 +215,7 @@ class MessageView(web.View):
         return json_response(message_body(row))
 
 
-class ProvidersView(web.View):
+class ProvidersView(ReadView):
     """``/api/v1/providers``: every configured provider with its settings and capabilities."""
 
     @docs(tags=["providers"], summary="Configured providers",
@@ -187,7 +233,7 @@ class ProvidersView(web.View):
         return json_response(PROVIDER_LIST_SCHEMA.dump({"items": items}))
 
 
-class HealthView(web.View):
+class HealthView(ReadView):
     """``/health``: the process is alive (no database involved)."""
 
     @docs(tags=["service"], summary="Liveness", responses={200: {"schema": StatusSchema, "description": "alive"}})
@@ -196,7 +242,7 @@ class HealthView(web.View):
         return json_response({"status": "ok"})
 
 
-class ReadyView(web.View):
+class ReadyView(ReadView):
     """``/ready``: the database answers."""
 
     @docs(tags=["service"], summary="Readiness",
@@ -207,7 +253,7 @@ class ReadyView(web.View):
         return json_response({"status": "ready"})
 
 
-class MetricsView(web.View):
+class MetricsView(ReadView):
     """``/metrics``: Prometheus text format."""
 
     @docs(tags=["service"], summary="Prometheus metrics",

@@ -14,7 +14,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import aiopg
 import psycopg2
@@ -108,12 +108,16 @@ def apply_schema(dsn: str) -> None:
 
 
 async def create_pool(dsn: str, *, size: int, statement_timeout: float, connect_timeout: float = 2.0,
-                      minsize: int = 0) -> aiopg.Pool:
+                      minsize: int = 0, idle_in_transaction_timeout: float | None = None) -> aiopg.Pool:
     """An aiopg pool whose connections run in UTC with a server-side statement timeout.
 
     ``minsize=0`` lets a process start while the database is down: it answers 503 until the database is back.
+    ``idle_in_transaction_timeout`` has the server end a transaction whose client went quiet (paused, hung), so
+    the row locks it holds cannot outlive it.
     """
     options = f"-c timezone=UTC -c statement_timeout={int(statement_timeout * 1000)}"
+    if idle_in_transaction_timeout is not None:
+        options += f" -c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout * 1000)}"
     return await aiopg.create_pool(dsn, minsize=minsize, maxsize=size, timeout=statement_timeout + connect_timeout,
                                    connect_timeout=max(int(connect_timeout), 2), options=options,
                                    application_name="smsgate", enable_hstore=False)
@@ -185,16 +189,27 @@ async def connection(pool: aiopg.Pool) -> AsyncIterator[aiopg.Connection]:
 
 
 @contextlib.asynccontextmanager
-async def transaction(pool: aiopg.Pool) -> AsyncIterator[aiopg.Connection]:
+async def transaction(pool: aiopg.Pool, *, statement_timeout: Callable[[], float] | None = None,
+                      before_commit: Callable[[], None] | None = None) -> AsyncIterator[aiopg.Connection]:
     """A pooled connection inside BEGIN ... COMMIT; any exception (cancellation included) discards it.
 
     Closing the connection makes the server roll back, and the pool then drops it: a cancelled request can
-    never leave a half-done transaction behind for the next user of the connection.
+    never leave a half-done transaction behind for the next user of the connection.  ``statement_timeout``
+    gives, once a connection is had, the seconds the transaction's statements may take (the API's time left);
+    ``before_commit`` runs just before COMMIT is sent (the API uses it to let a commit report its outcome).
     """
     async with connection(pool) as conn:
         async with conn.cursor() as cur:
-            await cur.execute("BEGIN")
+            if statement_timeout is None:
+                await cur.execute("BEGIN")
+            else:
+                budget_ms = int(statement_timeout() * 1000)
+                if budget_ms < 1:
+                    raise DatabaseUnavailable("no time left for the statement")
+                await cur.execute("BEGIN; SET LOCAL statement_timeout = %s", (budget_ms,))
             yield conn
+            if before_commit is not None:
+                before_commit()
             await cur.execute("COMMIT")
 
 

@@ -20,7 +20,7 @@ def normalize_phone(raw: str) -> str:
     """Return ``raw`` as E.164 (``+`` and digits), or raise :class:`InvalidPhone` with the reason."""
     if len(raw) > MAX_INPUT_LENGTH:
         raise InvalidPhone(f"Longer than {MAX_INPUT_LENGTH} characters.")
-    text = raw.strip()
+    text = raw.strip(" ")  # spaces only: other whitespace and control characters are not "tolerated" punctuation
     if not _ALLOWED.fullmatch(text):
         raise InvalidPhone("Use the international format: '+', the country code and the number (ASCII digits; "
                            "spaces, dashes, dots and parentheses are allowed).")

@@ -64,6 +64,8 @@ class ApiSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     request_deadline: float = 0.8
+    commit_grace: float = 0.15
+    max_concurrency: int = 64
     max_body_bytes: int = 16 * 1024
     pool_size: int = 10
     statement_timeout: float = 0.6
@@ -159,6 +161,8 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
             host=api.get("host", str, ApiSettings.host),
             port=api.number("port", int, ApiSettings.port, low=0, high=65535),
             request_deadline=api.number("request_deadline", float, ApiSettings.request_deadline, low=0.05, high=30),
+            commit_grace=api.number("commit_grace", float, ApiSettings.commit_grace, low=0, high=30),
+            max_concurrency=api.number("max_concurrency", int, ApiSettings.max_concurrency, low=1, high=100_000),
             max_body_bytes=api.number("max_body_bytes", int, ApiSettings.max_body_bytes, low=256, high=1 << 24),
             pool_size=api.number("pool_size", int, ApiSettings.pool_size, low=1, high=1000),
             statement_timeout=api.number("statement_timeout", float, ApiSettings.statement_timeout,

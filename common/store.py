@@ -27,7 +27,7 @@ a = attempts.c
 k = idempotency_keys.c
 IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 
-ABANDONED_ERROR = "the dispatcher stopped before the attempt finished"
+ABANDONED_ERROR = "the dispatcher's lease ran out before the attempt's outcome was recorded"
 MESSAGE_COLUMNS = [m.id, m.username, m.phone, m.text, m.requested_provider, m.provider, m.send_status,
                    m.delivery_status, m.created_at, m.sent_at, m.delivered_at, m.updated_at]
 ATTEMPT_COLUMNS = [a.message_id, a.number, a.provider, a.started_at, a.finished_at, a.result, a.error]

@@ -10,7 +10,7 @@ from common.database import create_pool, quiet_statement_timeouts, resolve_dsn
 from common.logs import setup_logging
 from common.providers import ProviderConfigError, build_providers
 from common.settings import Settings, SettingsError, load_settings
-from dispatcher.worker import Dispatcher
+from dispatcher.worker import Dispatcher, claim_transaction_limit
 
 log = logging.getLogger("smsgate.dispatcher")
 
@@ -20,7 +20,8 @@ async def serve(settings: Settings) -> None:
     dsn = resolve_dsn(settings)
     providers = build_providers(settings)
     cfg = settings.dispatcher
-    pool = await create_pool(dsn, size=min(cfg.max_in_flight, 20) + 2, statement_timeout=cfg.statement_timeout)
+    pool = await create_pool(dsn, size=min(cfg.max_in_flight, 20) + 2, statement_timeout=cfg.statement_timeout,
+                             idle_in_transaction_timeout=claim_transaction_limit(cfg.lease_seconds))
     try:
         dispatcher = Dispatcher(settings, pool, providers, dsn)
         loop = asyncio.get_running_loop()

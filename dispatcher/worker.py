@@ -39,6 +39,16 @@ T = TypeVar("T")
 
 NOTIFY_CHANNEL = "smsgate_due"
 MIN_NAP = 0.005  # seconds; when rows are due but held by another replica, don't spin on them
+LEASE_MARGIN = 0.1  # seconds of a lease kept free at its end, for the outcome's write
+
+
+def claim_transaction_limit(lease_seconds: float) -> float:
+    """How long a claim transaction may sit idle before the server ends it (and so releases its row locks).
+
+    A dispatcher paused inside its claim transaction would otherwise hold its rows, skipped by every other
+    replica, for as long as it is paused, and then commit a claim whose lease is already over.
+    """
+    return max(1.0, min(5.0, lease_seconds / 4))
 
 
 class Dispatcher:  # pylint: disable=too-many-instance-attributes
@@ -95,6 +105,9 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
             return self.cfg.poll_interval  # a finishing send wakes the loop earlier
         batch = min(self.cfg.batch_size, free)
         token = uuid.uuid4()
+        # The lease starts no earlier than this (the server's now() is taken after we begin), so a send that
+        # starts by lease_end - timeout is over, by this process's own clock, before any replica may reclaim.
+        lease_end = time.monotonic() + self.cfg.lease_seconds - LEASE_MARGIN
         async with transaction(self.pool) as conn:
             claimed = await store.claim_due(conn, token=token, lease=self.cfg.lease_seconds, batch=batch)
             plan, give_up = self._plan(claimed)
@@ -105,7 +118,7 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
             elif item.send_status is SendStatus.SENT:
                 self._spawn(self._check_delivery(item, token))
             elif item.id in started:
-                self._spawn(self._send(item, started[item.id], token))
+                self._spawn(self._send(item, started[item.id], token, lease_end))
         if len(claimed) == batch:
             return 0.0  # there may be more due right now
         async with connection(self.pool) as conn:
@@ -131,9 +144,19 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
                 give_up[item.id] = f"all {policy.max_attempts} attempt(s) used"
         return plan, give_up
 
-    async def _send(self, item: store.Claimed, started: store.Started, token: uuid.UUID) -> None:
-        """Make one attempt and record its outcome."""
+    async def _send(self, item: store.Claimed, started: store.Started, token: uuid.UUID, lease_end: float) -> None:
+        """Make one attempt and record its outcome.
+
+        When this process was held up (paused, starved) so long that the provider call could outlast the lease,
+        the call is not made at all: another replica will reclaim the message, and a second send is worse than
+        an attempt counted as abandoned.
+        """
         provider = self.providers.get(started.provider)
+        timeout = provider.settings.timeout if provider is not None else 0.0
+        if time.monotonic() + timeout > lease_end:
+            log.warning("lease too short to send; left for reclaiming", extra={
+                "event": "send_skipped_lease", "message_id": str(item.id), "attempt": started.number})
+            return
         sms = Sms(message_id=item.id, phone=item.phone, text=item.text, attempt=started.number,
                   started_at=started.started_at)
         try:
@@ -180,6 +203,9 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
                 status, delivered_at, again = DeliveryStatus.PENDING, None, self.cfg.poll_interval
         if status is DeliveryStatus.PENDING and again is None:
             again = self.cfg.poll_interval
+        if status is not DeliveryStatus.PENDING:
+            log.info("delivery %s", status.value, extra={"event": "delivery_recorded", "message_id": str(item.id),
+                                                         "provider": item.provider, "delivery_status": status.value})
         await self._write(store.finish_delivery_check, message_id=item.id, token=token, delivery_status=status,
                           delivered_at=delivered_at, due_in=again if status is DeliveryStatus.PENDING else None)
 

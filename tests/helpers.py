@@ -10,7 +10,7 @@ import aiopg
 from common.database import create_pool
 from common.providers import build_providers
 from common.settings import Settings, settings_from_mapping
-from dispatcher.worker import Dispatcher
+from dispatcher.worker import Dispatcher, claim_transaction_limit
 
 
 def make_settings(tmp_path: Path, **sections: Any) -> Settings:
@@ -44,7 +44,9 @@ class Dispatchers:
         """Start ``count`` replicas with ``settings``."""
         started = []
         for _ in range(count):
-            db_pool = await create_pool(self.dsn, size=8, statement_timeout=5.0)
+            idle_limit = claim_transaction_limit(settings.dispatcher.lease_seconds)
+            db_pool = await create_pool(self.dsn, size=8, statement_timeout=5.0,
+                                        idle_in_transaction_timeout=idle_limit)
             dispatcher = Dispatcher(settings, db_pool, build_providers(settings), self.dsn)
             self.running.append((dispatcher, asyncio.create_task(dispatcher.run()), db_pool))
             started.append(dispatcher)

@@ -1,6 +1,7 @@
 """The HTTP contract: routes, fields, statuses, problems, authentication and isolation."""
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import uuid
@@ -11,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from api.schemas import encode_cursor
 from tests.helpers import auth
 
 Client = TestClient[web.Request, web.Application]
@@ -99,6 +101,9 @@ async def test_text_accepted(api: Client, text: str) -> None:
     ({"phone": 79991234568, "text": "x"}, "phone"),
     ({"phone": {"n": 1}, "text": "x"}, "phone"),
     ({"phone": "+79991234568\u0000", "text": "x"}, "phone"),
+    ({"phone": "\u001c+79991234568\u001f", "text": "x"}, "phone"),
+    ({"phone": "\u3000+79991234568", "text": "x"}, "phone"),
+    ({"phone": "\u00a0+79991234568", "text": "x"}, "phone"),
     ({"phone": "+79991234568", "text": "x", "provider": "pigeon"}, "provider"),
     ({"phone": "+79991234568", "text": "x", "provider": 1}, "provider"),
     ({"phone": "+79991234568", "text": "x", "colour": "red"}, "colour"),
@@ -129,6 +134,8 @@ async def test_invalid_fields_are_422_naming_the_field(api: Client, pool: aiopg.
     (b'{"phone": "+79991234568", "text": "x"}', "", 415),
     (b'{"phone": 1e999999, "text": "x"}', "application/json", 422),
     (b'{"phone": "+79991234568", "text": "' + b"9" * 5000 + b'"}', "application/json", 422),
+    (b'{"phone": "+79991234568", "text": "a", "text": "b"}', "application/json", 400),
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json; charset=latin-1", 415),
 ])
 async def test_malformed_bodies_are_problems(api: Client, pool: aiopg.Pool, raw: bytes, ctype: str,
                                              expected: int) -> None:
@@ -138,6 +145,37 @@ async def test_malformed_bodies_are_problems(api: Client, pool: aiopg.Pool, raw:
     assert resp.headers["Content-Type"] == "application/problem+json"
     assert_problem(resp.status, await resp.json(content_type=None), expected)
     assert await count_rows(pool) == 0
+
+
+async def test_undecodable_content_encoding_is_400(api: Client, pool: aiopg.Pool) -> None:
+    """A body that claims gzip but is not: a 400 problem, not a crash."""
+    resp = await api.post(MESSAGES, data=b"not gzip at all", headers={
+        **auth(), "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert_problem(resp.status, await resp.json(content_type=None), 400, "invalid_body")
+    assert await count_rows(pool) == 0
+
+
+async def test_two_authorization_headers_are_refused(api: Client) -> None:
+    """Which of two credentials would count is ambiguous: neither does."""
+    resp = await api.get(MESSAGES, headers=[("Authorization", "SMSAUTH:alice"), ("Authorization", "SMSAUTH:bob")])
+    assert_problem(resp.status, await resp.json(content_type=None), 401, "ambiguous_credentials")
+
+
+async def test_head_answers_like_get(api: Client) -> None:
+    """HEAD on the read routes: GET's status and headers, no body."""
+    _, msg = await post(api, {"phone": "+79991234568", "text": "x"})
+    for path in ("/health", "/ready", f"{MESSAGES}/{msg['id']}", MESSAGES):
+        resp = await api.head(path, headers=auth())
+        assert resp.status == 200 and await resp.read() == b""
+    assert (await api.head(f"{MESSAGES}/{uuid.uuid4()}", headers=auth())).status == 404
+
+
+async def test_swagger_ui_files(api: Client) -> None:
+    """The Swagger UI's files are served; a missing one is a 404 problem like any other."""
+    assert (await api.get("/api/static/swagger/swagger-ui.css")).status == 200
+    for name in ("nope.js", "", "..%2Fapp.py"):
+        resp = await api.get(f"/api/static/swagger/{name}")
+        assert_problem(resp.status, await resp.json(content_type=None), 404)
 
 
 async def test_huge_body_is_413(api: Client, pool: aiopg.Pool) -> None:
@@ -241,6 +279,12 @@ async def test_default_page_is_20(api: Client) -> None:
 @pytest.mark.parametrize("query", [
     "limit=0", "limit=101", "limit=-1", "limit=abc", "limit=1.5", "limit=1&limit=2", "limit=&limit=3",
     "cursor=nonsense", "cursor=" + "A" * 300, "cursor=MjAyNi0xMi0wM3xub3QtYS11dWlk", "send_status=lost",
+    "limit=%EF%BC%91%EF%BC%90", "limit=%D9%A1", "limit=1_0", "limit=%201%20", "limit=+5",
+    "cursor=" + encode_cursor(dt.datetime(2020, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=23, minutes=59))),
+                              uuid.UUID(int=0)),
+    "cursor=" + encode_cursor(dt.datetime(2020, 1, 1, tzinfo=dt.timezone(dt.timedelta(seconds=1.5))),
+                              uuid.UUID(int=0)),
+    "cursor=" + base64.urlsafe_b64encode(b"2020-01-01T00:00:00+00:00|{" + b"0" * 32 + b"}").decode(),
     "delivery_status=maybe", "phone=12", "colour=red", "send_status=sent&send_status=",
 ])
 async def test_bad_list_queries_are_422(api: Client, query: str) -> None:

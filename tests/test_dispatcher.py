@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import aiopg
 import pytest
 
 from common import store
-from common.database import connection, create_pool, transaction
+from common.database import DatabaseUnavailable, connection, create_pool, transaction
 from common.domain import AttemptResult, DeliveryStatus, SendStatus
 from common.providers import Provider, SendReceipt, Sms, register
 from common.settings import PROJECT_ROOT, Settings
@@ -223,6 +224,41 @@ async def test_a_stale_dispatchers_late_write_is_rejected(pool: aiopg.Pool) -> N
     assert (msg["send_status"], msg["delivery_status"]) == ("sent", "unsupported")
     assert [(a["number"], a["result"], a["error"]) for a in msg["attempts"]] == [
         (1, "error", store.ABANDONED_ERROR), (2, "ok", None)]
+
+
+async def test_a_claimer_paused_inside_its_transaction_lets_go(pool: aiopg.Pool, dsn: str) -> None:
+    """The server ends a claim transaction left idle (its dispatcher paused): the rows are free again at once,
+    and the paused claim can never commit."""
+    [mid] = await insert(pool, 1, "+79991234568", "file")
+    paused_pool = await create_pool(dsn, size=1, statement_timeout=5.0, idle_in_transaction_timeout=0.2)
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            async with transaction(paused_pool) as conn:
+                [claimed] = await store.claim_due(conn, token=uuid.uuid4(), lease=30, batch=1)
+                await asyncio.sleep(0.5)  # "SIGSTOP": the server gives up on us meanwhile
+        async with transaction(pool) as conn:
+            [again] = await store.claim_due(conn, token=uuid.uuid4(), lease=30, batch=1)
+        assert claimed.id == again.id == mid
+    finally:
+        paused_pool.close()
+        await paused_pool.wait_closed()
+
+
+async def test_no_send_once_the_lease_cannot_cover_it(pool: aiopg.Pool, settings: Settings) -> None:
+    """A dispatcher held up past the point where the provider call could outlast its lease does not call it."""
+    from common.providers import build_providers  # pylint: disable=import-outside-toplevel
+    from dispatcher.worker import Dispatcher  # pylint: disable=import-outside-toplevel
+
+    [mid] = await insert(pool, 1, "+79991234568", "file")
+    token = uuid.uuid4()
+    async with transaction(pool) as conn:
+        [claimed] = await store.claim_due(conn, token=token, lease=30, batch=1)
+        [started] = await store.start_attempts(conn, token=token, plan=[(mid, "file")])
+    dispatcher = Dispatcher(settings, pool, build_providers(settings), "")
+    await dispatcher._send(claimed, started, token, lease_end=time.monotonic() + 0.5)  # pylint: disable=W0212
+    msg = await message(pool, mid)
+    assert msg["send_status"] == "sending" and msg["attempts"][0]["finished_at"] is None
+    assert not settings.sent_sms_dir.exists() or not list(settings.sent_sms_dir.iterdir())
 
 
 async def test_stop_finishes_sends_in_flight(pool: aiopg.Pool, dispatchers: Dispatchers, tmp_path: Path) -> None:

@@ -67,13 +67,45 @@ async def test_locked_table_answers_503_within_a_second(aiohttp_client: ClientFa
 @pytest.mark.usefixtures("locked")
 async def test_deadline_cancels_database_work_cleanly(aiohttp_client: ClientFactory, dsn: str,
                                                       tmp_path: Path) -> None:
-    """When the deadline, not the server, cuts a statement off: 503, and no connection stays in a transaction."""
+    """When the deadline, not the server, cuts a read off: 503, and no connection stays in a transaction."""
     settings = make_settings(tmp_path, api={"request_deadline": 0.3, "statement_timeout": 10.0})
     api = await aiohttp_client(create_app(settings, dsn))
-    status, seconds, body = await timed(api, "POST", "/api/v1/messages", json=BODY)
+    status, seconds, body = await timed(api, "GET", "/api/v1/messages")
     assert (status, body["code"]) == (503, "deadline_exceeded") and seconds < 1.0
     assert not idle_in_transaction(dsn)
     assert api.app[POOL].size == 0  # the cancelled connection was closed, not pooled
+
+
+async def test_writes_that_cannot_finish_in_time_store_nothing(aiohttp_client: ClientFactory, dsn: str,
+                                                               tmp_path: Path) -> None:
+    """A 503 means nothing was stored: POSTs stuck behind a lock are rolled back by the server, not left to
+    commit after their client was told they failed."""
+    settings = make_settings(tmp_path, api={"statement_timeout": 10.0})
+    api = await aiohttp_client(create_app(settings, dsn))
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+    results = await asyncio.gather(*[timed(api, "POST", "/api/v1/messages", json=BODY) for _ in range(30)])
+    conn.rollback()
+    assert all(status == 503 and seconds < 1.0 for status, seconds, _ in results), results
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM messages")
+        assert cur.fetchone() == (0,)
+    conn.close()
+
+
+async def test_excess_load_is_shed_at_once(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:
+    """Past max_concurrency, /api requests get a quick 503 'overloaded' instead of a late answer."""
+    api = await aiohttp_client(create_app(make_settings(tmp_path, api={"max_concurrency": 2}), dsn))
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+    results = await asyncio.gather(*[timed(api, "GET", "/api/v1/messages") for _ in range(10)],
+                                   timed(api, "GET", "/health"))
+    conn.rollback()
+    conn.close()
+    codes = sorted(body.get("code", "ok") for _, _, body in results)
+    assert codes.count("overloaded") == 8 and codes.count("ok") == 1, codes
 
 
 async def test_recovers_after_the_lock_is_released(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:

@@ -76,6 +76,63 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_message_idx ON idempotency_keys (message_id);
 
+-- Per-provider counts per time window (a minute in production), computed once for the whole cluster by the
+-- dispatcher that wins the cluster-jobs lock; /metrics sums them into counters.
+CREATE TABLE IF NOT EXISTS provider_window_stats (
+    window_start timestamptz NOT NULL,
+    provider     text        NOT NULL,
+    attempts     integer     NOT NULL,          -- attempts started in the window
+    sent         integer     NOT NULL,          -- attempts that ended ok in the window
+    failed       integer     NOT NULL,          -- attempts that ended in an error in the window
+    delivered    integer     NOT NULL,          -- deliveries recorded in the window
+    computed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (window_start, provider),
+    CONSTRAINT provider_window_stats_counts CHECK (attempts >= 0 AND sent >= 0 AND failed >= 0 AND delivered >= 0)
+);
+
+-- How far each cluster-wide job has got (windows before done_until are computed).
+CREATE TABLE IF NOT EXISTS cluster_jobs (
+    name         text        PRIMARY KEY,
+    first_window timestamptz NOT NULL,          -- the first window the job computed
+    done_until   timestamptz NOT NULL,
+    CONSTRAINT cluster_jobs_order CHECK (done_until >= first_window)
+);
+
+-- Running totals of provider_window_stats, so that a scrape of /metrics reads one row per provider.
+CREATE TABLE IF NOT EXISTS provider_totals (
+    provider  text    PRIMARY KEY,
+    attempts  bigint  NOT NULL,
+    sent      bigint  NOT NULL,
+    failed    bigint  NOT NULL,
+    delivered bigint  NOT NULL
+);
+
+-- Outage alerts: one row per outage of one provider (scope = its name) or of all of them (scope = '*').  The
+-- partial unique index allows one open outage per scope, so replicas that detect it together make one row.
+CREATE TABLE IF NOT EXISTS alerts (
+    id                   bigserial   PRIMARY KEY,
+    scope                text        NOT NULL,
+    detected_at          timestamptz NOT NULL DEFAULT now(),
+    recovered_at         timestamptz,
+    outage_notified_at   timestamptz,        -- the outage email/webhook went out
+    recovery_notified_at timestamptz,        -- the recovery email/webhook went out
+    claimed_until        timestamptz,        -- a replica is sending a notification until then
+    CONSTRAINT alerts_recovery_after_detection CHECK (recovered_at IS NULL OR recovered_at >= detected_at)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_open_per_scope ON alerts (scope) WHERE recovered_at IS NULL;
+CREATE INDEX IF NOT EXISTS alerts_unnotified_idx ON alerts (id)
+    WHERE outage_notified_at IS NULL OR (recovered_at IS NOT NULL AND recovery_notified_at IS NULL);
+
+-- The start of the window of length `seconds` that holds `ts` (windows are aligned to the Unix epoch).
+CREATE OR REPLACE FUNCTION smsgate_window(ts timestamptz, seconds double precision) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN to_timestamp(floor(extract(epoch FROM ts) / seconds) * seconds);
+
+-- The per-window counts read attempts by start and by end, and deliveries by when they were recorded.
+CREATE INDEX IF NOT EXISTS attempts_started_idx ON attempts (started_at);
+CREATE INDEX IF NOT EXISTS attempts_finished_idx ON attempts (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_delivered_idx ON messages (updated_at) WHERE delivery_status = 'delivered';
+
 -- The dispatchers' "what is due now": small, because finished messages leave it.
 CREATE INDEX IF NOT EXISTS messages_due_idx ON messages (due_at) WHERE due_at IS NOT NULL;
 -- A user's messages, newest first, with keyset paging on (created_at, id).

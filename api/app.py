@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import warnings
 from typing import AsyncIterator
 
@@ -20,6 +21,7 @@ from common.providers import build_providers
 from common.settings import Settings
 
 API_VERSION = "1.0.0"
+log = logging.getLogger("smsgate.api")
 
 
 async def database_context(app: web.Application) -> AsyncIterator[None]:
@@ -58,7 +60,10 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
         setup_aiohttp_apispec(app, title="smsgate", version=API_VERSION, url="/api/docs/swagger.json",
                               swagger_path="/api/docs", static_path="/api/static/swagger",
                               error_callback=_raise_validation_problem, in_place=True)
-    finish_document(app["swagger_dict"], list(app[PROVIDERS].keys()))
+    finish_document(app["swagger_dict"], list(app[PROVIDERS].keys()), settings.auth.schemes)
+    if "smsauth" in settings.auth.schemes and "jwt" in settings.auth.schemes:
+        log.warning("SMSAUTH is on next to SSO tokens: anyone can claim any username with it; set "
+                    "auth.schemes = [\"jwt\"] in production", extra={"event": "smsauth_enabled_with_jwt"})
     return app
 
 

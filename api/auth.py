@@ -17,9 +17,10 @@ from common.domain import USERNAME_PATTERN
 from common.settings import AuthSettings
 
 SMSAUTH_PREFIX = "SMSAUTH:"
-BEARER_PREFIX = "Bearer "
+BEARER_PREFIX = "bearer "  # compared case-insensitively: HTTP auth scheme names are (RFC 9110 11.1)
 MAX_TOKEN_LENGTH = 4096  # real SSO tokens are far shorter; aiohttp itself caps a header line at 8190 bytes
-CHALLENGE = {"WWW-Authenticate": 'SMSAUTH realm="smsgate", Bearer realm="smsgate"'}
+HINTS = {"smsauth": "'Authorization: SMSAUTH:<username>'", "jwt": "'Authorization: Bearer <token>'"}
+CHALLENGES = {"smsauth": 'SMSAUTH realm="smsgate"', "jwt": 'Bearer realm="smsgate"'}
 
 # PyJWT's exceptions, most specific first, and the code each one answers with.
 _JWT_ERRORS: tuple[tuple[type[jwt.InvalidTokenError], str, str], ...] = (
@@ -40,6 +41,9 @@ class Authenticator:
     def __init__(self, settings: AuthSettings) -> None:
         """Load the verification key once (parsing PEM per request would be wasted work)."""
         self.settings = settings
+        # Advertise only what is accepted: the challenge and the hint in a 401 name the enabled schemes.
+        self.challenge = {"WWW-Authenticate": ", ".join(CHALLENGES[s] for s in settings.schemes)}
+        self.hint = " or ".join(HINTS[s] for s in settings.schemes)
         self.key: Any = settings.jwt_key
         if self.key is not None and not settings.jwt_algorithm.startswith("HS"):
             self.key = load_pem_public_key(self.key.encode())
@@ -47,58 +51,59 @@ class Authenticator:
     def username(self, headers: list[str]) -> str:
         """The caller's username from the Authorization header(s), or a 401 problem saying what is wrong."""
         if len(headers) > 1:
-            raise _unauthorized("ambiguous_credentials", "Send one Authorization header, not several.")
+            raise self._unauthorized("ambiguous_credentials", "Send one Authorization header, not several.")
         header = headers[0] if headers else ""
         if not header:
-            raise _unauthorized("authentication_required",
-                                "Send 'Authorization: SMSAUTH:<username>' or 'Authorization: Bearer <token>'.")
+            raise self._unauthorized("authentication_required", f"Send {self.hint}.")
         if header.startswith(SMSAUTH_PREFIX):
             self._require_scheme("smsauth")
-            return _checked_username(header[len(SMSAUTH_PREFIX):])
-        if header.startswith(BEARER_PREFIX):
+            return self._checked_username(header[len(SMSAUTH_PREFIX):])
+        if header[:len(BEARER_PREFIX)].lower() == BEARER_PREFIX:
             self._require_scheme("jwt")
             return self._jwt_username(header[len(BEARER_PREFIX):].strip())
-        raise _unauthorized("unsupported_auth_scheme", "Unsupported authorization scheme; use SMSAUTH or Bearer.")
+        raise self._unauthorized("unsupported_auth_scheme", f"Unsupported authorization scheme; send {self.hint}.")
 
     def _require_scheme(self, scheme: str) -> None:
         """401 when ``scheme`` is switched off in the settings."""
         if scheme not in self.settings.schemes:
-            raise _unauthorized("auth_scheme_disabled", f"The {scheme} scheme is turned off on this service.")
+            raise self._unauthorized("auth_scheme_disabled",
+                                     f"The {scheme} scheme is turned off on this service; send {self.hint}.")
 
     def _jwt_username(self, token: str) -> str:
         """Verify ``token`` and return its username claim."""
         cfg = self.settings
         if not token or len(token) > MAX_TOKEN_LENGTH:
-            raise _unauthorized("invalid_token", "The token is missing or too long.")
+            raise self._unauthorized("invalid_token", "The token is missing or too long.")
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.InvalidTokenError as exc:
-            raise _unauthorized("invalid_token", "The token is malformed.") from exc
+            raise self._unauthorized("invalid_token", "The token is malformed.") from exc
         if not isinstance(algorithm, str) or algorithm.lower() == "none":
-            raise _unauthorized("unsigned_token", "Unsigned tokens (alg: none) are never accepted.")
+            raise self._unauthorized("unsigned_token", "Unsigned tokens (alg: none) are never accepted.")
         if algorithm != cfg.jwt_algorithm:
             # Before any key is used: "none", or HS256 against an RSA public key, never reaches verification.
-            raise _unauthorized("algorithm_not_allowed", f"Only {cfg.jwt_algorithm} tokens are accepted.")
+            raise self._unauthorized("algorithm_not_allowed", f"Only {cfg.jwt_algorithm} tokens are accepted.")
         try:
             claims = jwt.decode(token, self.key, algorithms=[cfg.jwt_algorithm], audience=cfg.jwt_audience,
                                 issuer=cfg.jwt_issuer, leeway=cfg.jwt_leeway_seconds,
                                 options={"require": ["exp"], "verify_aud": cfg.jwt_audience is not None})
+        except jwt.MissingRequiredClaimError as exc:
+            raise self._unauthorized("missing_claim", f"The token lacks the required '{exc.claim}' claim.") from exc
         except jwt.InvalidTokenError as exc:
             code, detail = next((c, d) for kind, c, d in _JWT_ERRORS if isinstance(exc, kind))
-            raise _unauthorized(code, detail) from exc
+            raise self._unauthorized(code, detail) from exc
         value = claims.get(cfg.jwt_username_claim)
         if not isinstance(value, str):
-            raise _unauthorized("missing_claim", f"The token has no '{cfg.jwt_username_claim}' string claim.")
-        return _checked_username(value)
+            raise self._unauthorized("missing_claim", f"The token has no '{cfg.jwt_username_claim}' string claim.")
+        return self._checked_username(value)
 
+    def _checked_username(self, username: str) -> str:
+        """``username`` when it is 1-64 allowed characters, else a 401 problem."""
+        if not USERNAME_PATTERN.fullmatch(username):
+            raise self._unauthorized("invalid_username",
+                                     "The username must be 1-64 characters of A-Z a-z 0-9 . _ @ + -.")
+        return username
 
-def _checked_username(username: str) -> str:
-    """``username`` when it is 1-64 allowed characters, else a 401 problem."""
-    if not USERNAME_PATTERN.fullmatch(username):
-        raise _unauthorized("invalid_username", "The username must be 1-64 characters of A-Z a-z 0-9 . _ @ + -.")
-    return username
-
-
-def _unauthorized(code: str, detail: str) -> Problem:
-    """A 401 problem with the challenge header."""
-    return Problem(401, detail, code=code, headers=CHALLENGE)
+    def _unauthorized(self, code: str, detail: str) -> Problem:
+        """A 401 problem with the challenge header."""
+        return Problem(401, detail, code=code, headers=self.challenge)

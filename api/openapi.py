@@ -42,7 +42,7 @@ def reset_view_docs(views: Iterable[type[web.View]]) -> None:
             method.__apispec__ = copy.deepcopy(method.__apispec_pristine__)
 
 
-def finish_document(spec: dict[str, Any], providers: list[str]) -> None:
+def finish_document(spec: dict[str, Any], providers: list[str], schemes: tuple[str, ...]) -> None:
     """Complete what aiohttp-apispec leaves out of the Swagger 2.0 document, in place.
 
     Security schemes (so "Try it out" can authenticate), the problem media type on every operation, the body
@@ -51,18 +51,19 @@ def finish_document(spec: dict[str, Any], providers: list[str]) -> None:
     """
     spec["info"]["description"] = ("SMS gateway. Every error is an RFC 9457 problem (application/problem+json) "
                                    "with a stable `code`; every request is answered within 1 s.")
-    spec["securityDefinitions"] = {
-        "SMSAUTH": {"type": "apiKey", "in": "header", "name": "Authorization",
-                    "description": "`SMSAUTH:<username>`, username 1-64 of A-Z a-z 0-9 . _ @ + -"},
-        "Bearer": {"type": "apiKey", "in": "header", "name": "Authorization",
-                   "description": "`Bearer <JWT>` signed by the SSO (when enabled in the settings)"},
+    definitions = {
+        "smsauth": ("SMSAUTH", {"type": "apiKey", "in": "header", "name": "Authorization",
+                                "description": "`SMSAUTH:<username>`, username 1-64 of A-Z a-z 0-9 . _ @ + -"}),
+        "jwt": ("Bearer", {"type": "apiKey", "in": "header", "name": "Authorization",
+                           "description": "`Bearer <JWT>` signed by the SSO (type the word Bearer too)"}),
     }
+    spec["securityDefinitions"] = dict(definitions[scheme] for scheme in schemes)
     for path, operations in spec["paths"].items():
         for operation in operations.values():
             operation["produces"] = (["text/plain", "application/problem+json"] if path == "/metrics"
                                      else ["application/json", "application/problem+json"])
             if path.startswith("/api/v1/"):
-                operation["security"] = [{"SMSAUTH": []}, {"Bearer": []}]
+                operation["security"] = [{name: []} for name in spec["securityDefinitions"]]
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "body":
                     parameter["required"] = True

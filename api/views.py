@@ -11,6 +11,7 @@ from typing import Any
 
 import aiopg
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from api.keys import COMMITTING, DEADLINE, METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
 from api.metrics import CONTENT_TYPE_LATEST
@@ -19,13 +20,16 @@ from api.problems import Problem
 from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageListSchema, MessageSchema,
                          ProblemSchema, ProviderListSchema, StatusSchema, encode_cursor)
 from common import store
-from common.database import connection, ping, transaction
+from common.database import DatabaseUnavailable, connection, ping, transaction
+from common.metrics import cluster_registry
 
 MESSAGE_SCHEMA = MessageSchema()
 LIST_SCHEMA = MessageListSchema()
 PROVIDER_LIST_SCHEMA = ProviderListSchema()
 CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 JSON_TYPES = ("application/json",)
+CLUSTER_UP = (b"# HELP smsgate_cluster_metrics_up 1 when the cluster metrics above could be read from PostgreSQL.\n"
+              b"# TYPE smsgate_cluster_metrics_up gauge\nsmsgate_cluster_metrics_up %s\n")
 STATEMENT_MARGIN = 0.05  # seconds between the server's statement limit and the request's deadline
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")
@@ -259,9 +263,22 @@ class MetricsView(ReadView):
     @docs(tags=["service"], summary="Prometheus metrics",
           responses={200: {"description": "Prometheus text exposition format"}})
     async def get(self) -> web.Response:
-        """The request counters and latency histograms."""
-        body = self.request.app[METRICS].render()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        """The cluster's counters and gauges from PostgreSQL, then this process's request metrics.
+
+        Without the database the cluster part is left out (and ``smsgate_cluster_metrics_up`` says 0), so the
+        request metrics still show what the outage looks like from here.
+        """
+        app = self.request.app
+        body = app[METRICS].render()
+        try:
+            async with connection(app[POOL]) as conn:
+                totals, waiting, lag = await store.metrics_snapshot(conn)
+        except DatabaseUnavailable:
+            return web.Response(body=body + CLUSTER_UP % b"0",
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+        cluster = generate_latest(cluster_registry(totals, waiting, lag, app[PROVIDERS].keys()))
+        return web.Response(body=cluster + body + CLUSTER_UP % b"1",
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 VIEWS: tuple[tuple[str, type[web.View]], ...] = (

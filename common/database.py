@@ -130,7 +130,8 @@ class Query:
 
     def __init__(self, statement: ClauseElement, name: str = "") -> None:
         """Compile ``statement``; ``name`` appears in logs and errors."""
-        compiled = statement.compile(dialect=_DIALECT)
+        # render_postcompile: literal IN lists become plain parameters, so the SQL text is final here.
+        compiled = statement.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
         self.sql = str(compiled)
         self.defaults: dict[str, Any] = dict(compiled.params)
         self.name = name

@@ -82,6 +82,7 @@ class DispatcherSettings:
     statement_timeout: float = 5.0
     shutdown_grace: float = 20.0
     default_provider: str | None = None
+    health_port: int | None = None  # serve /health, /ready and /metrics there (one port per replica)
 
 
 JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
@@ -108,6 +109,30 @@ class AuthSettings:  # pylint: disable=too-many-instance-attributes
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Cluster-wide per-window counts (published at /metrics and optionally pushed)."""
+
+    window_seconds: float = 60.0
+    pushgateway_url: str | None = None
+    pushgateway_job: str = "smsgate"
+
+
+@dataclass(frozen=True)
+class AlertSettings:  # pylint: disable=too-many-instance-attributes
+    """Outage alerts to the admins: by email over SMTP, and optionally a webhook."""
+
+    window_minutes: float = 60.0
+    admins: tuple[str, ...] = ()
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_tls: bool = False            # implicit TLS (port 465); STARTTLS is used whenever the server offers it
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    sender: str = "smsgate@localhost"
+    webhook_url: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the API and the dispatchers are configured with."""
 
@@ -118,6 +143,8 @@ class Settings:
     api: ApiSettings = ApiSettings()
     auth: AuthSettings = AuthSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
     providers: tuple[ProviderSettings, ...] = ()
 
     def provider(self, name: str) -> ProviderSettings | None:
@@ -182,13 +209,43 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
             shutdown_grace=dispatcher.number("shutdown_grace", float, DispatcherSettings.shutdown_grace,
                                              low=0, high=3600),
             default_provider=dispatcher.get("default_provider", str, None),
+            health_port=dispatcher.get("health_port", int, None),
         ),
+        metrics=_metrics(reader.section("metrics")),
+        alerts=_alerts(reader.section("alerts")),
         providers=_providers(reader.section("providers", keep_unknown=True)),
     )
-    for section in (reader, api, auth, dispatcher):
+    for section in (reader, api, auth, dispatcher, *reader.children):
         section.reject_unknown()
     _check_consistency(settings)
     return settings
+
+
+def _metrics(section: _Reader) -> MetricsSettings:
+    """The ``[metrics]`` table."""
+    return MetricsSettings(
+        window_seconds=section.number("window_seconds", float, MetricsSettings.window_seconds, low=0.1, high=3600),
+        pushgateway_url=section.get("pushgateway_url", str, None) or None,
+        pushgateway_job=section.get("pushgateway_job", str, MetricsSettings.pushgateway_job),
+    )
+
+
+def _alerts(section: _Reader) -> AlertSettings:
+    """The ``[alerts]`` table."""
+    admins = section.get("admins", list, [])
+    if not all(isinstance(a, str) and "@" in a for a in admins):
+        raise SettingsError(f"alerts.admins must be a list of email addresses, not {admins!r}")
+    return AlertSettings(
+        window_minutes=section.number("window_minutes", float, AlertSettings.window_minutes, low=0.001, high=10_080),
+        admins=tuple(admins),
+        smtp_host=section.get("smtp_host", str, None) or None,
+        smtp_port=section.number("smtp_port", int, AlertSettings.smtp_port, low=1, high=65535),
+        smtp_tls=section.get("smtp_tls", bool, False),
+        smtp_username=section.get("smtp_username", str, None) or None,
+        smtp_password=section.get("smtp_password", str, None) or None,
+        sender=section.get("sender", str, AlertSettings.sender),
+        webhook_url=section.get("webhook_url", str, None) or None,
+    )
 
 
 def _auth(section: _Reader) -> AuthSettings:
@@ -311,6 +368,7 @@ class _Reader:
         self.data = data
         self.prefix = prefix
         self.seen: set[str] = set()
+        self.children: list[_Reader] = []
 
     def get(self, key: str, kind: type[T], default: T) -> T:
         """The value of ``key``, checked to be of ``kind``; ``default`` when absent."""
@@ -320,6 +378,8 @@ class _Reader:
         value = self.data[key]
         if isinstance(value, str) and kind is not str:
             value = _parse_text_value(value)  # from the environment, where every value is text
+            if kind is list and isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]  # "jwt,smsauth"
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -342,6 +402,7 @@ class _Reader:
         reader = _Reader(value, f"{self.prefix}{key}.")
         if keep_unknown:
             reader.seen.update(value)
+        self.children.append(reader)
         return reader
 
     def reject_unknown(self) -> None:

@@ -20,7 +20,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.database import Query, Row, fetch_all, fetch_one
 from common.domain import AttemptResult, DeliveryStatus, SendStatus
-from common.tables import attempts, idempotency_keys, messages
+from common.tables import (alerts, attempts, cluster_jobs, idempotency_keys, messages, provider_totals,
+                           provider_window_stats)
 
 m = messages.c
 a = attempts.c
@@ -328,3 +329,204 @@ async def seconds_until_due(conn: aiopg.Connection) -> float | None:
     row = await fetch_one(conn, SECONDS_UNTIL_DUE)
     wait = row["wait"] if row else None
     return None if wait is None else float(wait)
+
+
+# --- cluster-wide jobs: per-window statistics, totals, outage alerts ---------------------------------------
+
+STATS_JOB = "provider_window_stats"
+ALL_PROVIDERS = "*"  # the alert scope of "every provider together"
+s = provider_window_stats.c
+t = provider_totals.c
+j = cluster_jobs.c
+al = alerts.c
+
+
+def _window(column: Any) -> sa.ColumnElement[Any]:
+    """The start of the stats window holding ``column`` (see smsgate_window in schema.sql)."""
+    return sa.func.smsgate_window(column, sa.bindparam("window", type_=sa.Float))
+
+
+def _between(column: Any) -> sa.ColumnElement[bool]:
+    """``:start <= column < :until``."""
+    return sa.and_(column >= sa.bindparam("start", type_=sa.DateTime(timezone=True)),
+                   column < sa.bindparam("until", type_=sa.DateTime(timezone=True)))
+
+
+TRY_JOB_LOCK = Query(sa.select(sa.func.pg_try_advisory_xact_lock(sa.func.hashtext(sa.bindparam("name")))
+                               .label("locked")), "try_job_lock")
+
+# Where the next run starts (after the last computed window, or at the first attempt ever) and ends (the last
+# window that closed at least ``grace`` seconds ago, so that no late write can still land in it).
+JOB_RANGE = Query(
+    sa.select(
+        sa.func.coalesce(
+            sa.select(j.done_until).where(j.name == sa.bindparam("name")).scalar_subquery(),
+            sa.select(_window(sa.func.min(a.started_at))).scalar_subquery(),
+            _window(sa.func.now() - sa.cast(sa.bindparam("grace"), sa.Interval))).label("start"),
+        _window(sa.func.now() - sa.cast(sa.bindparam("grace"), sa.Interval)).label("until"),
+        sa.select(j.first_window).where(j.name == sa.bindparam("name")).scalar_subquery().label("first_window")),
+    "job_range")
+
+_events = sa.union_all(
+    sa.select(_window(a.started_at).label("w"), a.provider.label("provider"), sa.literal(1).label("attempts"),
+              sa.literal(0).label("sent"), sa.literal(0).label("failed"), sa.literal(0).label("delivered"))
+    .where(_between(a.started_at)),
+    sa.select(_window(a.finished_at), a.provider, sa.literal(0), sa.cast(a.result == "ok", sa.Integer),
+              sa.cast(a.result == "error", sa.Integer), sa.literal(0))
+    .where(_between(a.finished_at)),
+    sa.select(_window(m.updated_at), sa.func.coalesce(m.provider, ""), sa.literal(0), sa.literal(0), sa.literal(0),
+              sa.literal(1))
+    .where(m.delivery_status == DeliveryStatus.DELIVERED.value, _between(m.updated_at)),
+).subquery("events")
+_window_rows = (
+    pg_insert(provider_window_stats)
+    .from_select(["window_start", "provider", "attempts", "sent", "failed", "delivered"],
+                 sa.select(_events.c.w, _events.c.provider, sa.func.sum(_events.c.attempts),
+                           sa.func.sum(_events.c.sent), sa.func.sum(_events.c.failed),
+                           sa.func.sum(_events.c.delivered))
+                 .group_by(_events.c.w, _events.c.provider))
+    .on_conflict_do_nothing()
+    .returning(s.provider, s.attempts, s.sent, s.failed, s.delivered)
+    .cte("window_rows"))
+_added = (sa.select(_window_rows.c.provider, sa.func.sum(_window_rows.c.attempts).label("attempts"),
+                    sa.func.sum(_window_rows.c.sent).label("sent"), sa.func.sum(_window_rows.c.failed).label("failed"),
+                    sa.func.sum(_window_rows.c.delivered).label("delivered"))
+          .group_by(_window_rows.c.provider).cte("added"))
+_totals = pg_insert(provider_totals).from_select(
+    ["provider", "attempts", "sent", "failed", "delivered"],
+    sa.select(_added.c.provider, _added.c.attempts, _added.c.sent, _added.c.failed, _added.c.delivered))
+COMPUTE_WINDOWS = Query(
+    _totals.on_conflict_do_update(
+        index_elements=[t.provider],
+        set_={col: getattr(provider_totals.c, col) + getattr(_totals.excluded, col)
+              for col in ("attempts", "sent", "failed", "delivered")})
+    .add_cte(_window_rows),
+    "compute_windows")
+
+_job = pg_insert(cluster_jobs).values(name=sa.bindparam("name"), first_window=sa.bindparam("start"),
+                                      done_until=sa.bindparam("until"))
+SAVE_JOB_PROGRESS = Query(
+    _job.on_conflict_do_update(index_elements=[j.name], set_={"done_until": _job.excluded.done_until}),
+    "save_job_progress")
+
+# Attempts and successful sends per alert scope in [start, until): each provider, and all of them together.
+_scoped = sa.select(s.provider.label("scope"), s.attempts, s.sent).where(_between(s.window_start)).subquery()
+SCOPE_ACTIVITY = Query(
+    sa.union_all(
+        sa.select(_scoped.c.scope, sa.func.sum(_scoped.c.attempts).label("attempts"),
+                  sa.func.sum(_scoped.c.sent).label("sent")).group_by(_scoped.c.scope),
+        sa.select(sa.literal(ALL_PROVIDERS), sa.func.sum(_scoped.c.attempts), sa.func.sum(_scoped.c.sent))
+        .having(sa.func.count() > 0)),
+    "scope_activity")
+
+_open_alert = pg_insert(alerts).values(scope=sa.bindparam("scope"))
+OPEN_ALERT = Query(
+    _open_alert.on_conflict_do_nothing(index_elements=[al.scope], index_where=al.recovered_at.is_(None))
+    .returning(al.id),
+    "open_alert")
+OPEN_ALERT_SCOPES = Query(sa.select(al.scope).where(al.recovered_at.is_(None)), "open_alert_scopes")
+RECOVER_ALERT = Query(
+    sa.update(alerts).where(al.scope == sa.bindparam("scope"), al.recovered_at.is_(None))
+    .values(recovered_at=sa.func.now()).returning(al.id),
+    "recover_alert")
+
+_unnotified = (sa.select(al.id)
+               .where(sa.or_(al.outage_notified_at.is_(None),
+                             sa.and_(al.recovered_at.is_not(None), al.recovery_notified_at.is_(None))),
+                      sa.or_(al.claimed_until.is_(None), al.claimed_until < sa.func.now()))
+               .order_by(al.id).limit(20).with_for_update(skip_locked=True).scalar_subquery())
+CLAIM_NOTIFICATIONS = Query(
+    sa.update(alerts).where(al.id.in_(_unnotified))
+    .values(claimed_until=sa.func.now() + sa.cast(sa.bindparam("lease"), sa.Interval))
+    .returning(al.id, al.scope, al.detected_at, al.recovered_at, al.outage_notified_at, al.recovery_notified_at),
+    "claim_notifications")
+MARK_NOTIFIED = Query(
+    sa.update(alerts).where(al.id == sa.bindparam("id", type_=sa.BigInteger))
+    .values(outage_notified_at=sa.func.coalesce(al.outage_notified_at, sa.func.now()),
+            recovery_notified_at=sa.case((al.recovered_at.is_not(None), sa.func.now()),
+                                         else_=al.recovery_notified_at),
+            claimed_until=None),
+    "mark_notified")
+
+PROVIDER_TOTALS = Query(sa.select(t.provider, t.attempts, t.sent, t.failed, t.delivered).order_by(t.provider),
+                        "provider_totals")
+WAITING = Query(
+    sa.select(sa.func.coalesce(m.provider, m.requested_provider, "auto").label("provider"),
+              sa.func.count().label("waiting"),
+              sa.extract("epoch", sa.func.now() - sa.func.min(m.created_at)).label("oldest_seconds"))
+    .where(m.due_at.is_not(None), m.send_status.in_([SendStatus.QUEUED.value, SendStatus.SENDING.value]))
+    .group_by(sa.func.coalesce(m.provider, m.requested_provider, "auto")),
+    "waiting")
+DISPATCH_LAG = Query(
+    sa.select(sa.func.greatest(0, sa.func.coalesce(
+        sa.extract("epoch", sa.func.now() - sa.func.min(m.due_at)), 0)).label("lag"))
+    .where(m.due_at.is_not(None)),
+    "dispatch_lag")
+
+
+@dataclass(frozen=True)
+class WindowRun:
+    """What one run of the statistics job computed: windows in [start, until), counted since first_window."""
+
+    start: dt.datetime
+    until: dt.datetime
+    first_window: dt.datetime
+
+
+async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float,
+                          max_windows: int) -> WindowRun | None:
+    """Compute every closed window not computed yet, if this replica holds the cluster's job lock.
+
+    Runs inside the caller's transaction: the advisory lock, the new rows, the totals and the progress mark
+    commit together, so each window is counted once however many replicas try.
+    """
+    locked = await fetch_one(conn, TRY_JOB_LOCK, name=STATS_JOB)
+    if not locked or not locked["locked"]:
+        return None
+    span = await fetch_one(conn, JOB_RANGE, name=STATS_JOB, window=window, grace=_delta(grace))
+    assert span is not None
+    start, until = span["start"], span["until"]
+    until = min(until, start + dt.timedelta(seconds=window * max_windows))
+    if until <= start:
+        return None
+    await fetch_all(conn, COMPUTE_WINDOWS, window=window, start=start, until=until)
+    await fetch_all(conn, SAVE_JOB_PROGRESS, name=STATS_JOB, start=start, until=until)
+    return WindowRun(start, until, span["first_window"] or start)
+
+
+async def scope_activity(conn: aiopg.Connection, *, start: dt.datetime, until: dt.datetime) -> dict[str, Row]:
+    """Attempts and sends per alert scope in [start, until)."""
+    return {row["scope"]: row for row in await fetch_all(conn, SCOPE_ACTIVITY, start=start, until=until)}
+
+
+async def open_alert(conn: aiopg.Connection, scope: str) -> bool:
+    """Record an outage of ``scope``; False when one is already open (another replica was first)."""
+    return await fetch_one(conn, OPEN_ALERT, scope=scope) is not None
+
+
+async def open_alert_scopes(conn: aiopg.Connection) -> set[str]:
+    """Scopes with an outage in progress."""
+    return {row["scope"] for row in await fetch_all(conn, OPEN_ALERT_SCOPES)}
+
+
+async def recover_alert(conn: aiopg.Connection, scope: str) -> bool:
+    """Close the open outage of ``scope``; False when there is none."""
+    return await fetch_one(conn, RECOVER_ALERT, scope=scope) is not None
+
+
+async def claim_notifications(conn: aiopg.Connection, *, lease: float) -> list[Row]:
+    """Alerts whose email/webhook has not gone out, claimed for ``lease`` seconds by this replica."""
+    return await fetch_all(conn, CLAIM_NOTIFICATIONS, lease=_delta(lease))
+
+
+async def mark_notified(conn: aiopg.Connection, alert_id: int) -> None:
+    """The pending notifications of an alert went out."""
+    await fetch_all(conn, MARK_NOTIFIED, id=alert_id)
+
+
+async def metrics_snapshot(conn: aiopg.Connection) -> tuple[list[Row], list[Row], float]:
+    """Counter totals per provider, waiting messages per provider, and the oldest due work's lateness."""
+    totals = await fetch_all(conn, PROVIDER_TOTALS)
+    waiting = await fetch_all(conn, WAITING)
+    lag = await fetch_one(conn, DISPATCH_LAG)
+    return totals, waiting, float(lag["lag"]) if lag else 0.0

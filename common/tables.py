@@ -48,3 +48,41 @@ attempts = sa.Table(
     sa.Column("result", sa.Text),
     sa.Column("error", sa.Text),
 )
+
+provider_window_stats = sa.Table(
+    "provider_window_stats", metadata,
+    sa.Column("window_start", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("provider", sa.Text, primary_key=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("sent", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("delivered", sa.Integer, nullable=False),
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+provider_totals = sa.Table(
+    "provider_totals", metadata,
+    sa.Column("provider", sa.Text, primary_key=True),
+    sa.Column("attempts", sa.BigInteger, nullable=False),
+    sa.Column("sent", sa.BigInteger, nullable=False),
+    sa.Column("failed", sa.BigInteger, nullable=False),
+    sa.Column("delivered", sa.BigInteger, nullable=False),
+)
+
+cluster_jobs = sa.Table(
+    "cluster_jobs", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("first_window", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("done_until", sa.DateTime(timezone=True), nullable=False),
+)
+
+alerts = sa.Table(
+    "alerts", metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("detected_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recovered_at", sa.DateTime(timezone=True)),
+    sa.Column("outage_notified_at", sa.DateTime(timezone=True)),
+    sa.Column("recovery_notified_at", sa.DateTime(timezone=True)),
+    sa.Column("claimed_until", sa.DateTime(timezone=True)),
+)

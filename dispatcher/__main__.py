@@ -10,6 +10,7 @@ from common.database import create_pool, quiet_statement_timeouts, resolve_dsn
 from common.logs import setup_logging
 from common.providers import ProviderConfigError, build_providers
 from common.settings import Settings, SettingsError, load_settings
+from dispatcher.health import start_health_server
 from dispatcher.worker import Dispatcher, claim_transaction_limit
 
 log = logging.getLogger("smsgate.dispatcher")
@@ -28,7 +29,14 @@ async def serve(settings: Settings) -> None:
         loop.set_exception_handler(quiet_statement_timeouts)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, dispatcher.stop)
-        await dispatcher.run()
+        health = None
+        if cfg.health_port is not None:
+            health = await start_health_server(dispatcher, settings.api.host, cfg.health_port)
+        try:
+            await dispatcher.run()
+        finally:
+            if health is not None:
+                await health.cleanup()
     finally:
         pool.close()
         await pool.wait_closed()

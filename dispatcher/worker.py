@@ -32,6 +32,7 @@ from common.database import DatabaseUnavailable, connection, transaction
 from common.domain import AttemptResult, DeliveryStatus, SendStatus
 from common.providers import PermanentProviderError, Provider, ProviderError, Sms
 from common.settings import Settings
+from dispatcher.cluster import ClusterJobs
 from dispatcher.policy import GiveUp, RetryPolicy, choose_provider
 
 log = logging.getLogger("smsgate.dispatcher")
@@ -75,9 +76,15 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
         self._stopping.set()
         self._wake.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Sends and delivery checks under way now."""
+        return len(self._in_flight)
+
     async def run(self) -> None:
         """Dispatch until :meth:`stop`; then wait (up to ``shutdown_grace``) for the sends in flight."""
         listener = asyncio.create_task(self._listen(), name="smsgate-listen")
+        jobs = asyncio.create_task(ClusterJobs(self.settings, self.pool).run(self._stopping), name="smsgate-jobs")
         log.info("dispatcher started", extra={"event": "dispatcher_started", "providers": self.enabled})
         try:
             while not self._stopping.is_set():
@@ -95,6 +102,7 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
             await self._drain()
+            await jobs
         log.info("dispatcher stopped", extra={"event": "dispatcher_stopped"})
 
     async def run_once(self) -> float:

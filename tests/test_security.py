@@ -244,3 +244,18 @@ async def test_isolation_in_lists_and_filters(api: Client) -> None:
     for query in ("", "?phone=%2B79991234568", "?send_status=queued", f"?cursor={page['next_cursor']}"):
         listed = await (await api.get(MESSAGES + query, headers=auth("mallory"))).json()
         assert listed == {"items": [], "next_cursor": None}
+
+
+async def test_only_enabled_schemes_are_advertised(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:
+    """With JWT only: the challenge, the 401 hint and the OpenAPI document name Bearer alone; the scheme word
+    is case-insensitive; a missing exp is named."""
+    api = await jwt_client(aiohttp_client, dsn, tmp_path, jwt_secret=SECRET, schemes=["jwt"])
+    resp = await api.get(MESSAGES)
+    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="smsgate"'
+    assert "SMSAUTH" not in (await resp.json())["detail"]
+    doc = await (await api.get("/api/docs/swagger.json")).json()
+    assert list(doc["securityDefinitions"]) == ["Bearer"]
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    assert (await status_and_code(api, {"Authorization": f"bearer {token}"}))[0] == 200
+    no_exp = await api.get(MESSAGES, headers=bearer(jwt.encode(claims(exp=None), SECRET, algorithm="HS256")))
+    assert "'exp'" in (await no_exp.json())["detail"]

@@ -82,6 +82,14 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
         load_settings({"SMSGATE_CONFIG": str(broken)})
 
 
+def test_lists_from_the_environment() -> None:
+    """A list setting takes TOML (["jwt"]) or plain comma-separated text (jwt,smsauth)."""
+    secret = "s" * 32
+    as_toml = load_settings({"SMSGATE_AUTH__JWT_SECRET": secret, "SMSGATE_AUTH__SCHEMES": '["jwt"]'})
+    as_text = load_settings({"SMSGATE_AUTH__JWT_SECRET": secret, "SMSGATE_AUTH__SCHEMES": "jwt, smsauth"})
+    assert as_toml.auth.schemes == ("jwt",) and as_text.auth.schemes == ("jwt", "smsauth")
+
+
 def test_env_value_into_a_non_table() -> None:
     """An environment key that runs through a plain value is refused."""
     with pytest.raises(SettingsError, match="is not a table"):

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS messages (
     CONSTRAINT messages_failed_is_undelivered CHECK (send_status <> 'failed' OR delivery_status = 'undelivered')
 );
 
+-- Columns added after the first release: ADD COLUMN IF NOT EXISTS keeps older databases in step.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS waiting_reason text;       -- why a queued message waits (rate limits)
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS exhausted_providers text[] NOT NULL DEFAULT '{}';  -- not again
+
 -- Every attempt to hand a message to a provider.  The row is written when the attempt starts, so an attempt
 -- whose dispatcher died still counts toward the provider's limit.
 CREATE TABLE IF NOT EXISTS attempts (
@@ -96,6 +100,21 @@ CREATE TABLE IF NOT EXISTS cluster_jobs (
     first_window timestamptz NOT NULL,          -- the first window the job computed
     done_until   timestamptz NOT NULL,
     CONSTRAINT cluster_jobs_order CHECK (done_until >= first_window)
+);
+
+-- The stability rating of each provider in each window: delivered / attempts (a successful send counts as
+-- delivered for providers that cannot report delivery); NULL when the window had no attempts.
+ALTER TABLE provider_window_stats ADD COLUMN IF NOT EXISTS rating double precision;
+CREATE INDEX IF NOT EXISTS provider_window_stats_latest_idx ON provider_window_stats (provider, window_start DESC);
+
+-- Rate limits: attempts started per provider per window, across every replica.  A dispatcher takes a slot with
+-- one INSERT ... ON CONFLICT DO UPDATE ... WHERE used < limit, which the row lock makes atomic.
+CREATE TABLE IF NOT EXISTS provider_usage (
+    provider     text        NOT NULL,
+    window_start timestamptz NOT NULL,
+    used         integer     NOT NULL,
+    PRIMARY KEY (provider, window_start),
+    CONSTRAINT provider_usage_used CHECK (used >= 0)
 );
 
 -- Running totals of provider_window_stats, so that a scrape of /metrics reads one row per provider.

@@ -65,6 +65,8 @@ def finish_document(spec: dict[str, Any], providers: list[str], schemes: tuple[s
             if path.startswith("/api/v1/"):
                 operation["security"] = [{name: []} for name in spec["securityDefinitions"]]
             for parameter in operation.get("parameters", []):
+                if parameter["in"] == "query":
+                    parameter["allowEmptyValue"] = True  # "?limit=" counts as absent, as forms send it
                 if parameter["in"] == "body":
                     parameter["required"] = True
                     operation["consumes"] = ["application/json"]

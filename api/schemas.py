@@ -132,6 +132,8 @@ class MessageSchema(Schema):
     provider = fields.String(allow_none=True, metadata={"description": "provider of the latest attempt"})
     send_status = fields.String(required=True, validate=validate.OneOf([s.value for s in SendStatus]))
     delivery_status = fields.String(required=True, validate=validate.OneOf([s.value for s in DeliveryStatus]))
+    waiting_reason = fields.String(allow_none=True, metadata={
+        "description": "why a queued message is not going out yet (a rate limit); null otherwise"})
     attempts = fields.List(fields.Nested(AttemptSchema), required=True)
     created_at = fields.AwareDateTime(required=True)
     sent_at = fields.AwareDateTime(allow_none=True)
@@ -167,8 +169,51 @@ class ProviderSchema(Schema):
     max_attempts = fields.Integer(required=True)
     retry_interval = fields.Float(required=True, metadata={"description": "seconds between attempts"})
     timeout = fields.Float(required=True, metadata={"description": "seconds one attempt may take"})
-    priority = fields.Integer(required=True)
+    priority = fields.Integer(required=True, metadata={"description": "among providers rated alike, lower first"})
     supports_delivery_reports = fields.Boolean(required=True)
+    regions = fields.List(fields.String(), required=True, metadata={"description": "ISO 3166 alpha-2, or *"})
+    rate_limit_per_minute = fields.Integer(allow_none=True, required=True,
+                                           metadata={"description": "attempts per window; null: unlimited"})
+    rate_limit_used = fields.Integer(required=True, metadata={"description": "slots taken in the current window"})
+    window_seconds = fields.Float(required=True, metadata={"description": "the length of a window (60 in production)"})
+    current_window = fields.Nested(lambda: WindowCountsSchema(), required=True)
+    rating = fields.Float(allow_none=True, required=True,
+                          metadata={"description": "latest stability rating, delivered / attempts; null: no data"})
+    rated_at = fields.AwareDateTime(allow_none=True, required=True,
+                                    metadata={"description": "when the latest rating was computed"})
+    circuit = fields.String(required=True, validate=validate.OneOf(["closed", "open"]), metadata={
+        "description": "open: the latest window's attempts all failed; only probes and named traffic go there"})
+
+
+class WindowCountsSchema(Schema):
+    """Counts of one window for one provider."""
+
+    attempts = fields.Integer(required=True)
+    sent = fields.Integer(required=True)
+    failed = fields.Integer(required=True)
+    delivered = fields.Integer(required=True)
+
+
+class WindowStatsSchema(WindowCountsSchema):
+    """One computed window of a provider's history."""
+
+    window_start = fields.AwareDateTime(required=True)
+    rating = fields.Float(allow_none=True, required=True)
+    computed_at = fields.AwareDateTime(required=True)
+
+
+class ProviderStatsSchema(Schema):
+    """A provider's per-window history."""
+
+    provider = fields.String(required=True)
+    window_seconds = fields.Float(required=True)
+    items = fields.List(fields.Nested(WindowStatsSchema), required=True)
+
+
+class ProviderStatsQuerySchema(StrictSchema):
+    """Query parameters of ``GET /api/v1/providers/<name>/stats``."""
+
+    minutes = AsciiInteger(load_default=60, validate=validate.Range(1, 10_080))
 
 
 class ProviderListSchema(Schema):

@@ -18,14 +18,18 @@ from api.metrics import CONTENT_TYPE_LATEST
 from api.openapi import docs, querystring_schema, request_schema
 from api.problems import Problem
 from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageListSchema, MessageSchema,
-                         ProblemSchema, ProviderListSchema, StatusSchema, encode_cursor)
+                         ProblemSchema, ProviderListSchema, ProviderStatsQuerySchema, ProviderStatsSchema,
+                         StatusSchema, encode_cursor)
 from common import store
 from common.database import DatabaseUnavailable, connection, ping, transaction
 from common.metrics import cluster_registry
+from common.phones import region_of
+from common.settings import Settings
 
 MESSAGE_SCHEMA = MessageSchema()
 LIST_SCHEMA = MessageListSchema()
 PROVIDER_LIST_SCHEMA = ProviderListSchema()
+PROVIDER_STATS_SCHEMA = ProviderStatsSchema()
 CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 JSON_TYPES = ("application/json",)
 CLUSTER_UP = (b"# HELP smsgate_cluster_metrics_up 1 when the cluster metrics above could be read from PostgreSQL.\n"
@@ -109,6 +113,21 @@ def write_transaction(request: web.Request) -> AbstractAsyncContextManager[aiopg
     return transaction(request.app[POOL], statement_timeout=time_left, before_commit=committing)
 
 
+def check_region(settings: Settings, phone: str, provider: str | None) -> None:
+    """422 when the named provider does not serve the number's country, or when no enabled provider does."""
+    region = region_of(phone)
+    where = region or "non-geographic"
+    if provider is not None:
+        named = settings.provider(provider)
+        if named is not None and not named.serves(region):
+            raise Problem(422, f"Provider {provider} does not serve {where} numbers.",
+                          code="provider_region_mismatch",
+                          errors={"provider": [f"Serves {', '.join(named.regions)}, not {where}."]})
+    elif not any(p.enabled and p.serves(region) for p in settings.providers):
+        raise Problem(422, f"No provider serves {where} numbers.", code="no_provider_for_region",
+                      errors={"phone": [f"No provider serves {where} numbers."]})
+
+
 def idempotency_key(request: web.Request) -> str | None:
     """The ``Idempotency-Key`` header (1-255 printable ASCII characters), None when absent, else a 400 problem."""
     values = request.headers.getall(IDEMPOTENCY_HEADER, [])
@@ -166,6 +185,7 @@ class MessagesView(ReadView):
         data = await read_json_object(self.request)
         names: list[str] = list(self.request.app[PROVIDERS].keys())
         fields = MessageCreateSchema(context={"providers": names}).load(data)
+        check_region(self.request.app[SETTINGS], fields["phone"], fields["provider"])
         username = self.request[USERNAME]
         async with write_transaction(self.request) as conn:
             if key is None:
@@ -220,21 +240,58 @@ class MessageView(ReadView):
 
 
 class ProvidersView(ReadView):
-    """``/api/v1/providers``: every configured provider with its settings and capabilities."""
+    """``/api/v1/providers``: every configured provider with its settings, capabilities and current state."""
 
-    @docs(tags=["providers"], summary="Configured providers",
-          responses={200: {"schema": ProviderListSchema, "description": "providers"}, **_problems(401)})
+    @docs(tags=["providers"], summary="Configured providers and how they are doing",
+          description="Settings, regions, this window's counts and rate-limit usage, the latest stability rating "
+                      "and the circuit state. A window is metrics.window_seconds long (a minute in production).",
+          responses={200: {"schema": ProviderListSchema, "description": "providers"}, **_problems(401, 503)})
     async def get(self) -> web.Response:
-        """Settings come from the configuration; capabilities from the implementations."""
+        """Settings from the configuration, capabilities from the implementations, state from PostgreSQL."""
         app = self.request.app
+        settings = app[SETTINGS]
+        window = settings.metrics.window_seconds
+        async with connection(app[POOL]) as conn:
+            counts, usage = await store.current_window(conn, window=window)
+            routing = await store.routing_snapshot(conn)
         built = app[PROVIDERS]
         items = []
-        for ps in app[SETTINGS].providers:
+        for ps in settings.providers:
             provider = built.get(ps.name)
-            items.append({"name": ps.name, "type": ps.type, "enabled": ps.enabled, "max_attempts": ps.max_attempts,
-                          "retry_interval": ps.retry_interval, "timeout": ps.timeout, "priority": ps.priority,
-                          "supports_delivery_reports": bool(provider and provider.supports_delivery_reports)})
+            rated = routing.ratings.get(ps.name)
+            now = counts.get(ps.name, {})
+            items.append({
+                "name": ps.name, "type": ps.type, "enabled": ps.enabled, "max_attempts": ps.max_attempts,
+                "retry_interval": ps.retry_interval, "timeout": ps.timeout, "priority": ps.priority,
+                "supports_delivery_reports": bool(provider and provider.supports_delivery_reports),
+                "regions": list(ps.regions), "rate_limit_per_minute": ps.rate_limit_per_minute,
+                "rate_limit_used": usage.get(ps.name, 0), "window_seconds": window,
+                "current_window": {k: int(now.get(k, 0)) for k in ("attempts", "sent", "failed", "delivered")},
+                "rating": rated["rating"] if rated else None, "rated_at": rated["computed_at"] if rated else None,
+                "circuit": "open" if ps.name in routing.open_circuits else "closed",
+            })
         return json_response(PROVIDER_LIST_SCHEMA.dump({"items": items}))
+
+
+class ProviderStatsView(ReadView):
+    """``/api/v1/providers/{name}/stats``: a provider's per-window history."""
+
+    @docs(tags=["providers"], summary="A provider's per-window counts and ratings",
+          parameters=[{"in": "path", "name": "name", "required": True, "type": "string"}],
+          responses={200: {"schema": ProviderStatsSchema, "description": "oldest window first"},
+                     **_problems(401, 404, 422, 503)})
+    @querystring_schema(ProviderStatsQuerySchema)
+    async def get(self) -> web.Response:
+        """The windows of the last ``?minutes=`` minutes (60 by default), oldest first."""
+        app = self.request.app
+        name = self.request.match_info["name"]
+        if app[SETTINGS].provider(name) is None:
+            raise Problem(404, "No such provider.", code="provider_not_found")
+        query = ProviderStatsQuerySchema().load(query_params(self.request))
+        async with connection(app[POOL]) as conn:
+            rows = await store.stats_history(conn, provider=name, minutes=query["minutes"])
+        return json_response(PROVIDER_STATS_SCHEMA.dump(
+            {"provider": name, "window_seconds": app[SETTINGS].metrics.window_seconds, "items": rows}))
 
 
 class HealthView(ReadView):
@@ -285,6 +342,7 @@ VIEWS: tuple[tuple[str, type[web.View]], ...] = (
     ("/api/v1/messages", MessagesView),
     ("/api/v1/messages/{id}", MessageView),
     ("/api/v1/providers", ProvidersView),
+    ("/api/v1/providers/{name}/stats", ProviderStatsView),
     ("/health", HealthView),
     ("/ready", ReadyView),
     ("/metrics", MetricsView),

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, TypeVar
 
+import phonenumbers
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The providers a fresh clone has; the contract fixes these numbers.
@@ -53,8 +55,14 @@ class ProviderSettings:  # pylint: disable=too-many-instance-attributes
     retry_interval: float = 0.5
     timeout: float = 5.0
     enabled: bool = True
-    priority: int = 100
+    priority: int = 100             # among providers rated alike, the lower number is chosen first
+    rate_limit_per_minute: int | None = None  # attempts per window (a minute in production); None: unlimited
+    regions: tuple[str, ...] = ("*",)          # ISO 3166 alpha-2 codes served, or "*" for every region
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def serves(self, region: str | None) -> bool:
+        """True when this provider may send to a number of ``region`` (None: a non-geographic number)."""
+        return "*" in self.regions or (region is not None and region in self.regions)
 
 
 @dataclass(frozen=True)
@@ -304,10 +312,28 @@ def _providers(section: _Reader) -> tuple[ProviderSettings, ...]:
             timeout=timeout,
             enabled=reader.get("enabled", bool, True),
             priority=reader.number("priority", int, ProviderSettings.priority, low=-1_000_000, high=1_000_000),
+            rate_limit_per_minute=_optional_positive(reader, "rate_limit_per_minute"),
+            regions=_regions(reader),
             # Whatever else the table holds belongs to the provider implementation, which checks it itself.
             options={k: v for k, v in table.items() if k not in reader.seen},
         ))
     return tuple(result)
+
+
+def _optional_positive(reader: _Reader, key: str) -> int | None:
+    """An optional whole number >= 1."""
+    if reader.get(key, object, None) is None:
+        return None
+    return reader.number(key, int, 1, low=1, high=100_000_000)
+
+
+def _regions(reader: _Reader) -> tuple[str, ...]:
+    """ISO 3166 alpha-2 region codes (upper case) or "*"."""
+    regions = reader.get("regions", list, ["*"])
+    known = phonenumbers.SUPPORTED_REGIONS
+    if not regions or not all(isinstance(r, str) and (r == "*" or r.upper() in known) for r in regions):
+        raise SettingsError(f"{reader.prefix}regions must be ISO 3166 alpha-2 codes or \"*\", not {regions!r}")
+    return tuple(r.upper() for r in regions)
 
 
 def _check_consistency(settings: Settings) -> None:

@@ -15,13 +15,13 @@ from typing import Any, Sequence
 
 import aiopg
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.database import Query, Row, fetch_all, fetch_one
 from common.domain import AttemptResult, DeliveryStatus, SendStatus
 from common.tables import (alerts, attempts, cluster_jobs, idempotency_keys, messages, provider_totals,
-                           provider_window_stats)
+                           provider_usage, provider_window_stats)
 
 m = messages.c
 a = attempts.c
@@ -30,7 +30,7 @@ IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 
 ABANDONED_ERROR = "the dispatcher's lease ran out before the attempt's outcome was recorded"
 MESSAGE_COLUMNS = [m.id, m.username, m.phone, m.text, m.requested_provider, m.provider, m.send_status,
-                   m.delivery_status, m.created_at, m.sent_at, m.delivered_at, m.updated_at]
+                   m.delivery_status, m.waiting_reason, m.created_at, m.sent_at, m.delivered_at, m.updated_at]
 ATTEMPT_COLUMNS = [a.message_id, a.number, a.provider, a.started_at, a.finished_at, a.result, a.error]
 
 
@@ -192,6 +192,7 @@ class Claimed:  # pylint: disable=too-many-instance-attributes
     send_status: SendStatus
     attempt_count: int
     sent_at: dt.datetime | None
+    exhausted_providers: list[str]
     now: dt.datetime
 
 
@@ -223,7 +224,7 @@ CLAIM_DUE = Query(
             send_status=sa.case((m.send_status == SendStatus.SENT.value, SendStatus.SENT.value),
                                 else_=SendStatus.SENDING.value))
     .returning(m.id, m.phone, m.text, m.requested_provider, m.provider, m.send_status, m.attempt_count,
-               m.sent_at, sa.func.now().label("now"))
+               m.sent_at, m.exhausted_providers, sa.func.now().label("now"))
     .add_cte(_abandoned),
     "claim_due")
 
@@ -234,7 +235,8 @@ _plan = (sa.func.unnest(sa.bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
          .render_derived(name="plan"))
 _started = (sa.update(messages)
             .where(m.id == _plan.c.id, m.claim_token == sa.bindparam("token"))
-            .values(attempt_count=m.attempt_count + 1, provider=_plan.c.provider, updated_at=sa.func.now())
+            .values(attempt_count=m.attempt_count + 1, provider=_plan.c.provider, updated_at=sa.func.now(),
+                    waiting_reason=None)
             .returning(m.id, m.attempt_count, m.provider)
             .cte("started"))
 START_ATTEMPTS = Query(
@@ -244,13 +246,44 @@ START_ATTEMPTS = Query(
     .returning(a.message_id, a.number, a.provider, a.started_at),
     "start_attempts")
 
+ATTEMPT_COUNTS = Query(
+    sa.select(a.message_id, a.provider, sa.func.count().label("attempts"))
+    .where(a.message_id == sa.any_(sa.bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))))
+    .group_by(a.message_id, a.provider),
+    "attempt_counts")
+
+# Take one rate-limit slot of the current window: the row lock makes concurrent takers line up, and the WHERE
+# refuses the slot past the limit (no row comes back).
+_slot = pg_insert(provider_usage).values(
+    provider=sa.bindparam("provider"), window_start=sa.func.smsgate_window(sa.func.now(), sa.bindparam("window")),
+    used=1)
+TAKE_SLOT = Query(
+    _slot.on_conflict_do_update(index_elements=[provider_usage.c.provider, provider_usage.c.window_start],
+                                set_={"used": provider_usage.c.used + 1},
+                                where=provider_usage.c.used < sa.bindparam("limit", type_=sa.Integer))
+    .returning(provider_usage.c.used),
+    "take_slot")
+
+# A claimed message that may not go out yet (rate limits): back to queued until the next window starts.
+REQUEUE = Query(
+    sa.update(messages)
+    .where(m.id == sa.bindparam("id"), m.claim_token == sa.bindparam("token"))
+    .values(send_status=SendStatus.QUEUED.value, claim_token=None, waiting_reason=sa.bindparam("reason"),
+            updated_at=sa.func.now(),
+            due_at=sa.func.smsgate_window(sa.func.now(), sa.bindparam("window", type_=sa.Float))
+            + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.bindparam("window", type_=sa.Float))),
+    "requeue")
+
 _finished_message = (
     sa.update(messages)
     .where(m.id == sa.bindparam("id"), m.claim_token == sa.bindparam("token"))
     .values(send_status=sa.bindparam("send_status"), delivery_status=sa.bindparam("delivery_status"),
             due_at=_later("due_in"), claim_token=None, updated_at=sa.func.now(),
             sent_at=sa.case((sa.bindparam("send_status") == SendStatus.SENT.value, sa.func.now()),
-                            else_=m.sent_at))
+                            else_=m.sent_at),
+            exhausted_providers=sa.case(
+                (sa.bindparam("exhaust", type_=sa.Text).is_(None), m.exhausted_providers),
+                else_=sa.func.array_append(m.exhausted_providers, sa.bindparam("exhaust", type_=sa.Text))))
     .returning(m.id, m.sent_at)
     .cte("finished_message"))
 _finished_attempt = (
@@ -284,6 +317,26 @@ async def claim_due(conn: aiopg.Connection, *, token: uuid.UUID, lease: float, b
     return [Claimed(**{**row, "send_status": SendStatus(row["send_status"])}) for row in rows]
 
 
+async def attempt_counts(conn: aiopg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """Attempts made so far per message and provider."""
+    counts: dict[uuid.UUID, dict[str, int]] = {i: {} for i in ids}
+    if ids:
+        for row in await fetch_all(conn, ATTEMPT_COUNTS, ids=list(ids)):
+            counts[row["message_id"]][row["provider"]] = int(row["attempts"])
+    return counts
+
+
+async def take_slot(conn: aiopg.Connection, *, provider: str, limit: int, window: float) -> bool:
+    """Take one of ``limit`` slots of ``provider`` in the current window; False when none is left."""
+    return await fetch_one(conn, TAKE_SLOT, provider=provider, limit=limit, window=window) is not None
+
+
+async def requeue(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID, reason: str,
+                  window: float) -> None:
+    """Give a claimed message back to the queue until the next window, saying why."""
+    await fetch_all(conn, REQUEUE, id=message_id, token=token, reason=reason, window=window)
+
+
 async def start_attempts(conn: aiopg.Connection, *, token: uuid.UUID,
                          plan: Sequence[tuple[uuid.UUID, str]]) -> list[Started]:
     """Record one new attempt per (message id, provider) in ``plan``, for messages still under ``token``."""
@@ -304,6 +357,7 @@ class Outcome:
     number: int | None = None       # the attempt to close; None when no attempt was made
     result: AttemptResult | None = None
     error: str | None = None
+    exhaust: str | None = None      # a provider this message must not go to again (failover moves on)
 
 
 async def finish_send(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID, outcome: Outcome) -> bool:
@@ -311,7 +365,7 @@ async def finish_send(conn: aiopg.Connection, *, message_id: uuid.UUID, token: u
     row = await fetch_one(conn, FINISH_SEND, id=message_id, token=token, number=outcome.number,
                           result=outcome.result.value if outcome.result else None, error=outcome.error,
                           send_status=outcome.send_status.value, delivery_status=outcome.delivery_status.value,
-                          due_in=_delta(outcome.due_in))
+                          due_in=_delta(outcome.due_in), exhaust=outcome.exhaust)
     return row is not None
 
 
@@ -378,12 +432,18 @@ _events = sa.union_all(
               sa.literal(1))
     .where(m.delivery_status == DeliveryStatus.DELIVERED.value, _between(m.updated_at)),
 ).subquery("events")
+# The rating: delivered / attempts, where a provider that cannot report delivery counts a successful send as
+# delivered; capped at 1 (a window may record deliveries of earlier windows' sends).
+_delivered_or_sent = sa.func.sum(_events.c.delivered) + sa.case(
+    (_events.c.provider == sa.any_(sa.bindparam("no_reports", type_=ARRAY(sa.Text))), sa.func.sum(_events.c.sent)),
+    else_=0)
+_rating = sa.func.least(1.0, sa.cast(_delivered_or_sent, sa.Float) / sa.func.nullif(sa.func.sum(_events.c.attempts), 0))
 _window_rows = (
     pg_insert(provider_window_stats)
-    .from_select(["window_start", "provider", "attempts", "sent", "failed", "delivered"],
+    .from_select(["window_start", "provider", "attempts", "sent", "failed", "delivered", "rating"],
                  sa.select(_events.c.w, _events.c.provider, sa.func.sum(_events.c.attempts),
                            sa.func.sum(_events.c.sent), sa.func.sum(_events.c.failed),
-                           sa.func.sum(_events.c.delivered))
+                           sa.func.sum(_events.c.delivered), _rating)
                  .group_by(_events.c.w, _events.c.provider))
     .on_conflict_do_nothing()
     .returning(s.provider, s.attempts, s.sent, s.failed, s.delivered)
@@ -464,6 +524,75 @@ DISPATCH_LAG = Query(
     "dispatch_lag")
 
 
+_latest_rating = (sa.select(s.provider, s.rating, s.window_start, s.computed_at)
+                  .where(s.rating.is_not(None))
+                  .order_by(s.provider, s.window_start.desc())
+                  .ext(distinct_on(s.provider)))
+LATEST_RATINGS = Query(_latest_rating, "latest_ratings")
+# Circuit state: the latest window in which attempts of the provider ended; open when none of them succeeded.
+LATEST_OUTCOMES = Query(
+    sa.select(s.provider, s.sent, s.failed, s.window_start)
+    .where(s.sent + s.failed > 0)
+    .order_by(s.provider, s.window_start.desc())
+    .ext(distinct_on(s.provider)),
+    "latest_outcomes")
+
+_now_window = sa.func.smsgate_window(sa.func.now(), sa.bindparam("window", type_=sa.Float))
+CURRENT_WINDOW = Query(
+    sa.select(a.provider, sa.func.count().label("attempts"),
+              sa.func.count().filter(a.result == AttemptResult.OK.value).label("sent"),
+              sa.func.count().filter(a.result == AttemptResult.ERROR.value).label("failed"))
+    .where(a.started_at >= _now_window)
+    .group_by(a.provider),
+    "current_window")
+CURRENT_DELIVERED = Query(
+    sa.select(m.provider, sa.func.count().label("delivered"))
+    .where(m.delivery_status == DeliveryStatus.DELIVERED.value, m.updated_at >= _now_window)
+    .group_by(m.provider),
+    "current_delivered")
+CURRENT_USAGE = Query(
+    sa.select(provider_usage.c.provider, provider_usage.c.used)
+    .where(provider_usage.c.window_start == _now_window),
+    "current_usage")
+STATS_HISTORY = Query(
+    sa.select(s.window_start, s.attempts, s.sent, s.failed, s.delivered, s.rating, s.computed_at)
+    .where(s.provider == sa.bindparam("provider"),
+           s.window_start >= sa.func.now() - sa.cast(sa.bindparam("span"), sa.Interval))
+    .order_by(s.window_start),
+    "stats_history")
+
+
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    """What the last computed windows say about each provider."""
+
+    ratings: dict[str, Row]   # provider -> rating, window_start, computed_at (latest rated window)
+    open_circuits: set[str]   # providers whose latest finished attempts all failed
+
+
+async def routing_snapshot(conn: aiopg.Connection) -> RoutingSnapshot:
+    """Latest ratings and circuit states, from the statistics windows."""
+    ratings = {row["provider"]: row for row in await fetch_all(conn, LATEST_RATINGS)}
+    open_circuits = {row["provider"] for row in await fetch_all(conn, LATEST_OUTCOMES) if row["sent"] == 0}
+    return RoutingSnapshot(ratings, open_circuits)
+
+
+async def current_window(conn: aiopg.Connection, *, window: float) -> tuple[dict[str, Row], dict[str, int]]:
+    """This window's counts per provider so far (attempts, sent, failed, delivered) and rate-limit usage."""
+    counts: dict[str, Row] = {}
+    for row in await fetch_all(conn, CURRENT_WINDOW, window=window):
+        counts[row["provider"]] = {**row, "delivered": 0}
+    for row in await fetch_all(conn, CURRENT_DELIVERED, window=window):
+        counts.setdefault(row["provider"], {"attempts": 0, "sent": 0, "failed": 0})["delivered"] = row["delivered"]
+    usage = {row["provider"]: int(row["used"]) for row in await fetch_all(conn, CURRENT_USAGE, window=window)}
+    return counts, usage
+
+
+async def stats_history(conn: aiopg.Connection, *, provider: str, minutes: int) -> list[Row]:
+    """The statistics windows of ``provider`` in the last ``minutes`` minutes, oldest first."""
+    return await fetch_all(conn, STATS_HISTORY, provider=provider, span=dt.timedelta(minutes=minutes))
+
+
 @dataclass(frozen=True)
 class WindowRun:
     """What one run of the statistics job computed: windows in [start, until), counted since first_window."""
@@ -473,8 +602,8 @@ class WindowRun:
     first_window: dt.datetime
 
 
-async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float,
-                          max_windows: int) -> WindowRun | None:
+async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float, max_windows: int,
+                          without_reports: Sequence[str] = ()) -> WindowRun | None:
     """Compute every closed window not computed yet, if this replica holds the cluster's job lock.
 
     Runs inside the caller's transaction: the advisory lock, the new rows, the totals and the progress mark
@@ -489,7 +618,7 @@ async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float
     until = min(until, start + dt.timedelta(seconds=window * max_windows))
     if until <= start:
         return None
-    await fetch_all(conn, COMPUTE_WINDOWS, window=window, start=start, until=until)
+    await fetch_all(conn, COMPUTE_WINDOWS, window=window, start=start, until=until, no_reports=list(without_reports))
     await fetch_all(conn, SAVE_JOB_PROGRESS, name=STATS_JOB, start=start, until=until)
     return WindowRun(start, until, span["first_window"] or start)
 

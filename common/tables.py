@@ -6,7 +6,7 @@ Only what statements need is described here: names and types.  Constraints, inde
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 metadata = sa.MetaData()
 
@@ -27,6 +27,8 @@ messages = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True)),
     sa.Column("delivered_at", sa.DateTime(timezone=True)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("waiting_reason", sa.Text),
+    sa.Column("exhausted_providers", ARRAY(sa.Text), nullable=False),
 )
 
 idempotency_keys = sa.Table(
@@ -58,6 +60,14 @@ provider_window_stats = sa.Table(
     sa.Column("failed", sa.Integer, nullable=False),
     sa.Column("delivered", sa.Integer, nullable=False),
     sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("rating", sa.Float),
+)
+
+provider_usage = sa.Table(
+    "provider_usage", metadata,
+    sa.Column("provider", sa.Text, primary_key=True),
+    sa.Column("window_start", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("used", sa.Integer, nullable=False),
 )
 
 provider_totals = sa.Table(

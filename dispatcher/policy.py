@@ -1,12 +1,15 @@
-"""Pure decisions of the dispatcher: which provider to use, whether to start another attempt, and what a failed
+"""Pure decisions of the dispatcher: which providers to try, whether to start another attempt, and what a failed
 attempt leads to.  No I/O here, so ``tests/test_policy.py`` can check every rule as a table.
 """
 from __future__ import annotations
 
+import uuid
+import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 from common.settings import ProviderSettings
+from common.store import RoutingSnapshot
 
 
 @dataclass(frozen=True)
@@ -51,16 +54,27 @@ class RetryPolicy:
         return Retry(self.retry_interval)
 
 
-def choose_provider(requested: str | None, previous: str | None, enabled: Sequence[str],
-                    default: str | None) -> str:
-    """The provider for a message's next attempt.
+def rank_providers(message_id: uuid.UUID, region: str | None, providers: Sequence[ProviderSettings],
+                   snapshot: RoutingSnapshot, exhausted: Collection[str], current: str | None,
+                   default: str | None = None) -> list[tuple[str, bool]]:
+    """The providers to try for a message the service routes, best first, as (name, only_as_probe).
 
-    The rule until real routing arrives: the provider the client named (even when it is not configured any
-    more; the attempt then fails for good with that reason); else the one already tried, so that a message's
-    attempts stay with one provider; else ``default``; else the first enabled provider in the settings.
+    Eligible: enabled, serving the number's region, not exhausted for this message.  Ranked by the latest
+    stability rating (to two decimals; a provider not rated yet counts as 1.0), then ``default``, then
+    ``priority`` (lower first), then a hash of (message, provider) that spreads ties evenly.  The provider the
+    message is already on stays first while it is eligible, so its retries keep their interval.  Providers
+    whose circuit is open come last and only as probes (one probe attempt per window, cluster-wide).
     """
-    if requested is not None:
-        return requested
-    if previous is not None and previous in enabled:
-        return previous
-    return default if default is not None else enabled[0]
+    def key(p: ProviderSettings) -> tuple[float, int, int, int]:
+        rated = snapshot.ratings.get(p.name)
+        rating = 1.0 if rated is None or rated["rating"] is None else float(rated["rating"])
+        spread = zlib.crc32(f"{message_id}/{p.name}".encode())
+        return -round(rating, 2), 0 if p.name == default else 1, p.priority, spread
+
+    eligible = sorted((p for p in providers if p.enabled and p.serves(region) and p.name not in exhausted), key=key)
+    closed = [p.name for p in eligible if p.name not in snapshot.open_circuits]
+    if current in closed:
+        closed.remove(current)
+        closed.insert(0, current)
+    probes = [p.name for p in eligible if p.name in snapshot.open_circuits]
+    return [(name, False) for name in closed] + [(name, True) for name in probes]

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, TypeVar
 
 import aiopg
@@ -30,10 +30,11 @@ import aiopg
 from common import store
 from common.database import DatabaseUnavailable, connection, transaction
 from common.domain import AttemptResult, DeliveryStatus, SendStatus
+from common.phones import region_of
 from common.providers import PermanentProviderError, Provider, ProviderError, Sms
 from common.settings import Settings
 from dispatcher.cluster import ClusterJobs
-from dispatcher.policy import GiveUp, RetryPolicy, choose_provider
+from dispatcher.policy import GiveUp, RetryPolicy, rank_providers
 
 log = logging.getLogger("smsgate.dispatcher")
 T = TypeVar("T")
@@ -52,6 +53,14 @@ def claim_transaction_limit(lease_seconds: float) -> float:
     return max(1.0, min(5.0, lease_seconds / 4))
 
 
+@dataclass
+class Plan:
+    """What a pass decided for its claimed messages."""
+
+    attempts: dict[uuid.UUID, tuple[str, int]] = field(default_factory=dict)  # id -> (provider, its attempt no.)
+    give_up: dict[uuid.UUID, str] = field(default_factory=dict)               # id -> why it fails now
+
+
 class Dispatcher:  # pylint: disable=too-many-instance-attributes
     """One dispatcher replica.  ``run()`` until ``stop()``; any number may share a database."""
 
@@ -64,6 +73,11 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
         self.dsn = dsn
         self.policies = {p.name: RetryPolicy.of(p) for p in settings.providers}
         self.enabled = [name for name in settings.provider_names if name in providers]
+        self.provider_settings = [p for p in settings.providers if p.name in providers]
+        self.limits = {p.name: p.rate_limit_per_minute for p in self.provider_settings}
+        self.window = settings.metrics.window_seconds
+        self.routing = store.RoutingSnapshot({}, set())
+        self._routing_read = -1e9
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -84,7 +98,9 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
     async def run(self) -> None:
         """Dispatch until :meth:`stop`; then wait (up to ``shutdown_grace``) for the sends in flight."""
         listener = asyncio.create_task(self._listen(), name="smsgate-listen")
-        jobs = asyncio.create_task(ClusterJobs(self.settings, self.pool).run(self._stopping), name="smsgate-jobs")
+        without_reports = [name for name, p in self.providers.items() if not p.supports_delivery_reports]
+        jobs = asyncio.create_task(ClusterJobs(self.settings, self.pool, without_reports).run(self._stopping),
+                                   name="smsgate-jobs")
         log.info("dispatcher started", extra={"event": "dispatcher_started", "providers": self.enabled})
         try:
             while not self._stopping.is_set():
@@ -116,17 +132,19 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
         # The lease starts no earlier than this (the server's now() is taken after we begin), so a send that
         # starts by lease_end - timeout is over, by this process's own clock, before any replica may reclaim.
         lease_end = time.monotonic() + self.cfg.lease_seconds - LEASE_MARGIN
+        await self._refresh_routing()
         async with transaction(self.pool) as conn:
             claimed = await store.claim_due(conn, token=token, lease=self.cfg.lease_seconds, batch=batch)
-            plan, give_up = self._plan(claimed)
-            started = {s.message_id: s for s in await store.start_attempts(conn, token=token, plan=plan)}
+            plan = await self._plan(conn, claimed, token)
+            started = {s.message_id: s for s in await store.start_attempts(
+                conn, token=token, plan=[(message_id, name) for message_id, (name, _) in plan.attempts.items()])}
         for item in claimed:
-            if item.id in give_up:
-                self._spawn(self._give_up(item, token, give_up[item.id]))
+            if item.id in plan.give_up:
+                self._spawn(self._give_up(item, token, plan.give_up[item.id]))
             elif item.send_status is SendStatus.SENT:
                 self._spawn(self._check_delivery(item, token))
             elif item.id in started:
-                self._spawn(self._send(item, started[item.id], token, lease_end))
+                self._spawn(self._send(item, started[item.id], plan.attempts[item.id][1], token, lease_end))
         if len(claimed) == batch:
             return 0.0  # there may be more due right now
         async with connection(self.pool) as conn:
@@ -135,24 +153,64 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
             return self.cfg.poll_interval
         return min(max(wait, MIN_NAP), self.cfg.poll_interval)
 
-    def _plan(self, claimed: list[store.Claimed]) -> tuple[list[tuple[uuid.UUID, str]], dict[uuid.UUID, str]]:
-        """Which claimed messages get a new attempt (with which provider) and which have used up their attempts."""
-        plan: list[tuple[uuid.UUID, str]] = []
-        give_up: dict[uuid.UUID, str] = {}
-        for item in claimed:
-            if item.send_status is not SendStatus.SENDING:
-                continue
-            name = choose_provider(item.requested_provider, item.provider, self.enabled,
-                                   self.cfg.default_provider)
-            policy = self.policies.get(name, RetryPolicy(max_attempts=1, retry_interval=0))
-            if policy.may_attempt(item.attempt_count):
-                plan.append((item.id, name))
-            else:
-                # Only a reclaimed message gets here: its last attempt was started by a dispatcher that died.
-                give_up[item.id] = f"all {policy.max_attempts} attempt(s) used"
-        return plan, give_up
+    async def _refresh_routing(self) -> None:
+        """Re-read ratings and circuit states a few times per window (they change once per window)."""
+        if time.monotonic() - self._routing_read < max(0.05, self.window / 4):
+            return
+        async with connection(self.pool) as conn:
+            self.routing = await store.routing_snapshot(conn)
+        self._routing_read = time.monotonic()
 
-    async def _send(self, item: store.Claimed, started: store.Started, token: uuid.UUID, lease_end: float) -> None:
+    def _policy(self, name: str) -> RetryPolicy:
+        """The retry policy of provider ``name`` (one attempt for a provider no longer configured)."""
+        return self.policies.get(name, RetryPolicy(max_attempts=1, retry_interval=0))
+
+    async def _plan(self, conn: aiopg.Connection, claimed: list[store.Claimed], token: uuid.UUID) -> Plan:
+        """Decide, inside the claim transaction, what each claimed message gets: an attempt with a provider (its
+        rate-limit slot taken), a return to the queue until the next window, or the end (every allowed attempt
+        used).  Named providers are never swapped; the service's own choice fails over in rank order."""
+        plan = Plan()
+        sending = [item for item in claimed if item.send_status is SendStatus.SENDING]
+        counts = await store.attempt_counts(conn, [item.id for item in sending])
+        for item in sending:
+            made = counts[item.id]
+            exhausted = set(item.exhausted_providers) | {
+                name for name, n in made.items() if not self._policy(name).may_attempt(n)}
+            if item.requested_provider is not None:
+                name = item.requested_provider
+                if name in exhausted:
+                    plan.give_up[item.id] = f"all attempts through {name} used"
+                elif name in self.providers and not await self._take_slot(conn, name):
+                    await self._wait(conn, item, token, f"provider {name} is at its rate limit")
+                else:
+                    plan.attempts[item.id] = (name, made.get(name, 0) + 1)
+                continue
+            ranked = rank_providers(item.id, region_of(item.phone), self.provider_settings, self.routing,
+                                    exhausted, item.provider, self.cfg.default_provider)
+            if not ranked:
+                plan.give_up[item.id] = "no eligible provider has attempts left"
+                continue
+            for name, probe in ranked:
+                if probe and not await store.take_slot(conn, provider=f"{name}#probe", limit=1, window=self.window):
+                    continue
+                if await self._take_slot(conn, name):
+                    plan.attempts[item.id] = (name, made.get(name, 0) + 1)
+                    break
+            else:
+                await self._wait(conn, item, token, "every eligible provider is at its rate limit or unhealthy")
+        return plan
+
+    async def _take_slot(self, conn: aiopg.Connection, name: str) -> bool:
+        """Take a rate-limit slot of ``name`` in the current window (always granted without a limit)."""
+        limit = self.limits.get(name)
+        return limit is None or await store.take_slot(conn, provider=name, limit=limit, window=self.window)
+
+    async def _wait(self, conn: aiopg.Connection, item: store.Claimed, token: uuid.UUID, reason: str) -> None:
+        """Put a message back in the queue until the next window."""
+        await store.requeue(conn, message_id=item.id, token=token, reason=reason, window=self.window)
+
+    async def _send(self, item: store.Claimed, started: store.Started, provider_attempt: int, token: uuid.UUID,
+                    lease_end: float) -> None:
         """Make one attempt and record its outcome.
 
         When this process was held up (paused, starved) so long that the provider call could outlast the lease,
@@ -172,12 +230,14 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
                 raise PermanentProviderError(f"provider {started.provider!r} is not configured")
             receipt = await provider.send(sms)
         except ProviderError as exc:
-            policy = self.policies.get(started.provider, RetryPolicy(max_attempts=1, retry_interval=0))
-            decision = policy.after_failure(started.number, retryable=exc.retryable)
-            if isinstance(decision, GiveUp):
-                outcome = store.Outcome(SendStatus.FAILED, DeliveryStatus.UNDELIVERED, None)
-            else:
+            decision = self._policy(started.provider).after_failure(provider_attempt, retryable=exc.retryable)
+            if not isinstance(decision, GiveUp):
                 outcome = store.Outcome(SendStatus.QUEUED, DeliveryStatus.PENDING, decision.delay)
+            elif item.requested_provider is None:
+                # The service chose: fail over now; the next pass picks the next eligible provider, or ends it.
+                outcome = store.Outcome(SendStatus.QUEUED, DeliveryStatus.PENDING, 0.0, exhaust=started.provider)
+            else:
+                outcome = store.Outcome(SendStatus.FAILED, DeliveryStatus.UNDELIVERED, None)
             await self._write(store.finish_send, message_id=item.id, token=token, outcome=replace(
                 outcome, number=started.number, result=AttemptResult.ERROR, error=exc.reason[:500]))
             return

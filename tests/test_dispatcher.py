@@ -133,11 +133,12 @@ async def test_retry_interval_and_attempts_come_from_settings(pool: aiopg.Pool, 
 
 async def test_service_chooses_the_default_provider(pool: aiopg.Pool, dispatchers: Dispatchers,
                                                     tmp_path: Path) -> None:
-    """No provider named: dispatcher.default_provider, else the first enabled one."""
-    [first] = await insert(pool, 1, "+79991234568", None)
+    """No provider named: unrated equals share the traffic; dispatcher.default_provider wins ties."""
+    first = await insert(pool, 40, "+79991234568", None)
     await dispatchers.start(make_settings(tmp_path))
     await wait_until(lambda: all_final(pool), within=5)
-    assert (await message(pool, first))["provider"] == "file"
+    chosen = [(await message(pool, mid))["provider"] for mid in first]
+    assert set(chosen) == {"file", "stub"}
     await dispatchers.stop_all()
     [second] = await insert(pool, 1, "+79991234568", None)
     await dispatchers.start(make_settings(tmp_path, dispatcher={"default_provider": "stub"}))
@@ -255,7 +256,7 @@ async def test_no_send_once_the_lease_cannot_cover_it(pool: aiopg.Pool, settings
         [claimed] = await store.claim_due(conn, token=token, lease=30, batch=1)
         [started] = await store.start_attempts(conn, token=token, plan=[(mid, "file")])
     dispatcher = Dispatcher(settings, pool, build_providers(settings), "")
-    await dispatcher._send(claimed, started, token, lease_end=time.monotonic() + 0.5)  # pylint: disable=W0212
+    await dispatcher._send(claimed, started, 1, token, lease_end=time.monotonic() + 0.5)  # pylint: disable=W0212
     msg = await message(pool, mid)
     assert msg["send_status"] == "sending" and msg["attempts"][0]["finished_at"] is None
     assert not settings.sent_sms_dir.exists() or not list(settings.sent_sms_dir.iterdir())

@@ -1,9 +1,14 @@
 """The dispatcher's pure decisions, as tables."""
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 import pytest
 
-from dispatcher.policy import Decision, GiveUp, Retry, RetryPolicy, choose_provider
+from common.settings import ProviderSettings
+from common.store import RoutingSnapshot
+from dispatcher.policy import Decision, GiveUp, Retry, RetryPolicy, rank_providers
 
 
 @pytest.mark.parametrize(("max_attempts", "made", "retryable", "expected"), [
@@ -26,14 +31,50 @@ def test_may_attempt(max_attempts: int, made: int, allowed: bool) -> None:
     assert RetryPolicy(max_attempts, 0.5).may_attempt(made) is allowed
 
 
-@pytest.mark.parametrize(("requested", "previous", "default", "expected"), [
-    ("stub", None, None, "stub"),
-    ("gone", None, None, "gone"),
-    (None, "stub", None, "stub"),
-    (None, "removed", None, "file"),
-    (None, None, "stub", "stub"),
-    (None, None, None, "file"),
+MID = uuid.UUID(int=7)
+A = ProviderSettings(name="a", type="stub", priority=10)
+B = ProviderSettings(name="b", type="stub", priority=20)
+RU_ONLY = ProviderSettings(name="ru", type="stub", priority=5, regions=("RU",))
+OFF = ProviderSettings(name="off", type="stub", enabled=False)
+
+
+def rated(**ratings: float) -> dict[str, dict[str, float]]:
+    """Ratings as the routing snapshot holds them."""
+    return {name: {"rating": value} for name, value in ratings.items()}
+
+
+@pytest.mark.parametrize(("providers", "region", "ratings", "open_circuits", "exhausted", "current", "expected"), [
+    # unrated providers count as 1.0: priority decides
+    ([A, B], "RU", {}, set(), set(), None, [("a", False), ("b", False)]),
+    # the better rating wins over priority
+    ([A, B], "RU", rated(a=0.5, b=0.9), set(), set(), None, [("b", False), ("a", False)]),
+    # ratings equal to two decimals are a tie: priority decides
+    ([A, B], "RU", rated(a=0.901, b=0.899), set(), set(), None, [("a", False), ("b", False)]),
+    # regions: a provider that does not serve the number is not a candidate
+    ([RU_ONLY, A], "GB", {}, set(), set(), None, [("a", False)]),
+    ([RU_ONLY, A], "RU", {}, set(), set(), None, [("ru", False), ("a", False)]),
+    ([RU_ONLY], None, {}, set(), set(), None, []),
+    # disabled and exhausted providers are skipped
+    ([A, B, OFF], "RU", {}, set(), {"a"}, None, [("b", False)]),
+    ([A, B], "RU", {}, set(), {"a", "b"}, None, []),
+    # an open circuit: last, and only as a probe
+    ([A, B], "RU", {}, {"a"}, set(), None, [("b", False), ("a", True)]),
+    # the provider a message is on stays first while eligible (its retries keep their interval)
+    ([A, B], "RU", {}, set(), set(), "b", [("b", False), ("a", False)]),
+    ([A, B], "RU", {}, {"b"}, set(), "b", [("a", False), ("b", True)]),
 ])
-def test_choose_provider(requested: str | None, previous: str | None, default: str | None, expected: str) -> None:
-    """Named, else the one already tried, else the default, else the first enabled."""
-    assert choose_provider(requested, previous, ["file", "stub"], default) == expected
+def test_rank_providers(providers: list[ProviderSettings], region: str | None, ratings: dict[str, Any],
+                        open_circuits: set[str], exhausted: set[str], current: str | None,
+                        expected: list[tuple[str, bool]]) -> None:
+    """Eligibility, rating, priority, stickiness and probes."""
+    snapshot = RoutingSnapshot(ratings, open_circuits)
+    assert rank_providers(MID, region, providers, snapshot, exhausted, current) == expected
+
+
+def test_default_provider_wins_ties_and_ties_spread() -> None:
+    """dispatcher.default_provider goes first among equals; without it, equal providers share the traffic."""
+    twins = [ProviderSettings(name="x", type="stub"), ProviderSettings(name="y", type="stub")]
+    empty = RoutingSnapshot({}, set())
+    assert rank_providers(MID, "RU", twins, empty, set(), None, default="y")[0] == ("y", False)
+    firsts = [rank_providers(uuid.UUID(int=i), "RU", twins, empty, set(), None)[0][0] for i in range(200)]
+    assert 60 < firsts.count("x") < 140

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from bench.report import loadavg, environment, render
 from bench.runner import FULL, QUICK, Runner, setup_logging
-from bench.support import PROJECT_ROOT, Children, ScratchDatabase, database_server, dump_json, signals_as_exit
+from bench.support import Children, ScratchDatabase, database_server, dump_json, signals_as_exit
+from common.settings import PROJECT_ROOT
 
 log = logging.getLogger("bench")
 DEFAULT_OUT = PROJECT_ROOT / "docs" / "benchmarks.md"

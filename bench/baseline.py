@@ -65,7 +65,7 @@ async def get_message(request: web.Request) -> web.Response:
         await cur.execute(f"SELECT {COLUMNS} FROM messages WHERE id = %s AND username = %s",
                           (request.match_info["id"], username(request)))
         row = await cur.fetchone()
-        names = [col.name for col in cur.description]
+        names = [col.name for col in cur.description or ()]
     if row is None:
         raise web.HTTPNotFound()
     return web.json_response(jsonable(row, names))
@@ -78,7 +78,7 @@ async def list_messages(request: web.Request) -> web.Response:
         await cur.execute(f"SELECT {COLUMNS} FROM messages WHERE username = %s "
                           "ORDER BY created_at DESC, id DESC LIMIT %s", (username(request), limit))
         rows = await cur.fetchall()
-        names = [col.name for col in cur.description]
+        names = [col.name for col in cur.description or ()]
     return web.json_response({"items": [jsonable(row, names) for row in rows]})
 
 

@@ -1,8 +1,8 @@
 """``python -m bench.claimloop MODE``: the bare claim-and-update loop smsgate's dispatcher is measured against.
 
 It works on ``bench_baseline_queue`` (shaped like ``messages``: id, phone, text, status, due_at with the same
-partial index, claim_token) and exits once nothing is due.  The database is ``BENCH_DSN`` (from the environment, so that a password in it
-never shows in the process list).  Two modes:
+partial index, claim_token) and exits once nothing is due.  The database is ``BENCH_DSN`` (from the environment,
+so that a password in it never shows in the process list).  Two modes:
 
 - ``batch``: one statement per batch of 32 claims the due rows (``FOR UPDATE SKIP LOCKED``) and marks them
   sent at once: the least work a queue of PostgreSQL rows can be drained with;

@@ -15,8 +15,9 @@ Two modes:
   at most ``concurrency`` outstanding (a start that would exceed it is counted as ``dropped``).
 
 Either mode also stops after ``count`` requests when given.  With ``watch_pid`` (the server under test), the
-CPU share that process used while measuring is reported as ``server_cpu``, next to the machine's (``machine_busy``,
-all cores together, 1.0 = every core busy) and the load generator's own (``client_cpu``, 1.0 = one core).  Bodies are templates: ``{seq}`` becomes the
+CPU share that process used while measuring is reported as ``server_cpu``, next to the machine's
+(``machine_busy``, all cores together, 1.0 = every core busy) and the load generator's own (``client_cpu``,
+1.0 = one core).  Bodies are templates: ``{seq}`` becomes the
 request's sequence number and ``{seq6}`` the same, zero-padded to six digits.  Only 127.0.0.1 / localhost
 targets are accepted.
 """
@@ -85,6 +86,14 @@ class Tally:
     dropped: int = 0
     max_lag: float = 0.0
     loop_lags: list[float] = field(default_factory=list)
+
+    def add(self, latency: float, status: int, code: str | None) -> None:
+        """Count one answer (status 0: no answer, ``code`` then names the exception)."""
+        self.latencies.append(latency)
+        if 200 <= status < 300:
+            self.ok_latencies.append(latency)
+        failed = status == 0 or (status >= 400 and code is not None)
+        self.outcomes[f"{status}:{code}" if failed else str(status)] += 1
 
     def summary(self, spec: Spec, elapsed: float, cpu: dict[str, float]) -> dict[str, Any]:
         """The JSON summary of a run that measured for ``elapsed`` seconds, with the CPU shares in ``cpu``."""
@@ -183,18 +192,21 @@ class LoadGenerator:
         self.next_seq += 1
         return seq
 
+    def body(self, seq: int) -> str | None:
+        """The body of request ``seq`` (None without body templates)."""
+        if not self.spec.bodies:
+            return None
+        return self.spec.bodies[seq % len(self.spec.bodies)].replace("{seq6}", f"{seq:06d}").replace("{seq}", str(seq))
+
     async def one(self, seq: int, counted: bool) -> None:
         """Send request ``seq`` and record its outcome (when ``counted``)."""
         spec = self.spec
         url = spec.base_url + spec.paths[seq % len(spec.paths)]
-        body = None
-        if spec.bodies:
-            body = spec.bodies[seq % len(spec.bodies)].replace("{seq6}", f"{seq:06d}").replace("{seq}", str(seq))
         wall = time.time()
         started = time.perf_counter()
         code = message_id = None
         try:
-            async with self.session.request(spec.method, url, data=body, headers=spec.headers) as response:
+            async with self.session.request(spec.method, url, data=self.body(seq), headers=spec.headers) as response:
                 raw = await response.read()
                 status = response.status
             if status >= 400 or spec.records:
@@ -202,17 +214,11 @@ class LoadGenerator:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             status, code = 0, type(exc).__name__
         latency = time.perf_counter() - started
-        if not counted:
-            return
-        tally = self.tally
-        tally.latencies.append(latency)
-        if 200 <= status < 300:
-            tally.ok_latencies.append(latency)
-        failed = status == 0 or (status >= 400 and code is not None)
-        tally.outcomes[f"{status}:{code}" if failed else str(status)] += 1
-        if spec.records:
-            tally.records.append({"seq": seq, "t": wall, "latency": round(latency, 6), "status": status,
-                                  "code": code, "id": message_id})
+        if counted:
+            self.tally.add(latency, status, code)
+            if spec.records:
+                self.tally.records.append({"seq": seq, "t": wall, "latency": round(latency, 6), "status": status,
+                                           "code": code, "id": message_id})
 
     async def closed_loop(self) -> float:
         """Workers that each send back to back; returns the measured seconds."""
@@ -283,7 +289,8 @@ async def run(spec: Spec) -> dict[str, Any]:
     """Run ``spec`` and return the summary (records, when asked for, are written to their file)."""
     connector = aiohttp.TCPConnector(limit=spec.concurrency, limit_per_host=spec.concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=spec.timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     skip_auto_headers=("User-Agent",)) as session:
         generator = LoadGenerator(spec, session)
         watcher = asyncio.create_task(generator.watch_loop())
         try:

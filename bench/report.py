@@ -8,7 +8,8 @@ import subprocess
 from importlib import metadata
 from typing import Any, Iterable
 
-from bench.support import PROJECT_ROOT, postgres_version
+from bench.support import postgres_version
+from common.settings import PROJECT_ROOT
 
 COMMANDS = """\
 ```sh
@@ -27,7 +28,7 @@ end):
 | the baseline app | `BENCH_DSN=<scratch db> PORT=<free port> .venv/bin/python -m bench.baseline` |
 | each load step | `.venv/bin/python -m bench.loadgen <spec.json>` |
 | dispatchers | `DATABASE_URL=<scratch db> .venv/bin/python -m dispatcher` (1, 2 or 4 at once; default settings) |
-| baseline claim loops | `BENCH_DSN=<scratch db> .venv/bin/python -m bench.claimloop batch\\|finish` (as many as replicas) |
+| baseline claim loops | `BENCH_DSN=<scratch db> .venv/bin/python -m bench.claimloop batch\\|finish` (one per replica) |
 """
 
 METHOD = """\
@@ -163,11 +164,12 @@ def overload_lines(over: dict[str, Any]) -> list[str]:
     """The overload table and its reading."""
     lines = [f"Sustainable rate (smsgate POST at 32 connections): **{over['sustainable']:.0f} req/s**.", "",
              "| drive | answers/s | 201/s | 503 share | 503 codes | other non-2xx | max latency ms | "
-             "p99 ms | answers > 1 s | API cpu | client cpu |",
-             "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "p99 ms | answers > 1 s | API's own max ms / > 1 s | API cpu | client cpu / loop lag max ms |",
+             "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, label in (("closed", f"{over['closed']['concurrency']} connections, closed loop"),
                         ("open", f"open loop at {over['open']['rate']:g} req/s (2 × sustainable)")):
         run = over[name]
+        server = run.get("server_side", {})
         outcomes = run["outcomes"]
         total = max(1, run["requests"])
         codes = {k: v for k, v in outcomes.items() if k.startswith("503")}
@@ -176,9 +178,10 @@ def overload_lines(over: dict[str, Any]) -> list[str]:
                      f"{sum(codes.values()) / total:.1%} | {', '.join(f'{k} × {v}' for k, v in codes.items())} | "
                      f"{', '.join(f'{k} × {v}' for k, v in other.items()) or 'none'} | "
                      f"{run['latency_ms']['max']:.1f} | {run['latency_ms']['p99']:.1f} | {run['over_1s']} | "
-                     f"{run.get('server_cpu', 0):.2f} | {run.get('client_cpu', 0):.2f} |")
+                     f"{server.get('max_ms', 0):.1f} / {server.get('over_1s', 0)} | {run.get('server_cpu', 0):.2f} | "
+                     f"{run.get('client_cpu', 0):.2f} / {run.get('client_loop_lag_ms', {}).get('max', 0):.0f} |")
         if run.get("dropped"):
-            lines.append(f"| (open loop: {run['dropped']} starts skipped, 1024 outstanding) | | | | | | | | | | |")
+            lines.append(f"| (open loop: {run['dropped']} starts skipped, 1024 outstanding) | | | | | | | | | | | |")
     return lines
 
 
@@ -218,6 +221,11 @@ def findings(results: dict[str, Any]) -> list[str]:
         notes.append("- Dispatcher error log lines: " + ", ".join(
             f"{r['replicas']} replicas: {r['error_log_lines']}" for r in ours if r.get("error_log_lines")) + ".")
     return notes
+
+
+def _row(label: str, values: dict[str, Any]) -> str:
+    """A table row of p50, p99 and max."""
+    return f"| {label} | {values['p50']} | {values['p99']} | {values['max']} |"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -261,8 +269,8 @@ def render(results: dict[str, Any]) -> str:
                 f"({first['messages']} messages, all finished: {first['all_finished']}); times from the database: "
                 "`attempts.started_at − messages.created_at` and `sent_at − created_at`.", "",
                 "| | p50 ms | p99 ms | max ms |", "| --- | ---: | ---: | ---: |",
-                "| created → first attempt starts | {p50} | {p99} | {max} |".format(**first["first_attempt_ms"]),
-                "| created → sent | {p50} | {p99} | {max} |".format(**first["sent_ms"]),
+                _row("created → first attempt starts", first["first_attempt_ms"]),
+                _row("created → sent", first["sent_ms"]),
                 f"| (the POSTs themselves, client side) | {_lat(first['post']).replace(' / ', ' | ')} |"]
     if "overload" in results:
         out += ["", "## 5. Overload", ""] + overload_lines(results["overload"])

@@ -25,12 +25,15 @@ from typing import Any, Callable
 
 from bench.baseline import BASELINE_DDL
 from bench.claimloop import QUEUE_DDL
-from bench.support import (PROJECT_ROOT, PYTHON, Child, Children, ScratchDatabase, dump_json, execute, free_port,
-                           scalar, service_environ, wait_for_log, wait_http_ok, wait_until)
+from bench.support import (PYTHON, Child, Children, ScratchDatabase, dump_json, execute, free_port,
+                           percentile, scalar, service_environ, wait_for_log, wait_http_ok, wait_until)
+
+from common.settings import PROJECT_ROOT
 
 log = logging.getLogger("bench")
 
-SMSGATE_TABLES = "messages, attempts, idempotency_keys, provider_window_stats, cluster_jobs, provider_totals, alerts"
+# Every table of schema.sql (whatever it holds today), not the baselines' own.
+SMSGATE_TABLES_SQL = r"SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT LIKE 'bench\_%'"
 USER = "bench"
 HEADERS = {"Authorization": f"SMSAUTH:{USER}", "Content-Type": "application/json"}
 POST_BODY = '{"phone": "+7999{seq6}4", "text": "bench {seq}", "provider": "stub"}'
@@ -125,7 +128,8 @@ class Runner:
 
     def truncate(self) -> None:
         """Empty smsgate's tables."""
-        execute(self.db.dsn, f"TRUNCATE {SMSGATE_TABLES}")
+        tables = ", ".join(f'"{row[0]}"' for row in execute(self.db.dsn, SMSGATE_TABLES_SQL))
+        execute(self.db.dsn, f"TRUNCATE {tables}")
 
     # --- load -----------------------------------------------------------------------------------------------
 
@@ -135,6 +139,7 @@ class Runner:
             spec["watch_pid"] = server.pid
         path = self.workdir / f"spec-{label}.json"
         dump_json(path, spec)
+        log_offset = self.api.log.stat().st_size if server is self.api and self.api is not None else None
         bound = spec.get("warmup", 0.0) + spec.get("duration", 10.0) + spec.get("timeout", 5.0) + 60
         done = subprocess.run([PYTHON, "-m", "bench.loadgen", str(path)], cwd=PROJECT_ROOT, capture_output=True,
                               timeout=bound, check=False)
@@ -142,6 +147,8 @@ class Runner:
             raise RuntimeError(f"load generator failed for {label}: {done.stderr.decode(errors='replace')[-2000:]}")
         summary: dict[str, Any] = json.loads(done.stdout)
         summary["label"] = label
+        if log_offset is not None and self.api is not None:
+            summary["server_side"] = access_log_summary(self.api.log, log_offset)
         lat = summary["latency_ms"]
         log.info("%-28s %8.1f req/s  p50 %7.2f  p99 %7.2f  max %7.2f ms  server cpu %4.0f%%  %s", label,
                  summary["throughput"], lat["p50"], lat["p99"], lat["max"], 100 * summary.get("server_cpu", 0),
@@ -282,22 +289,25 @@ class Runner:
             return bool(scalar(self.db.dsn, "SELECT count(*) FROM messages WHERE due_at IS NULL") == count)
 
         done = wait_until(finished, 60 if self.plan.name == "quick" else 300, 0.25)
-        wall = time.monotonic() - started
-        codes = [p.stop() for p in procs]
+        result = {"target": "smsgate", "replicas": replicas, "messages": count, "finished": done,
+                  "wall_seconds": round(time.monotonic() - started, 3), "exit_codes": [p.stop() for p in procs],
+                  "peak_connections": peak,
+                  "error_log_lines": sum(p.log_text().count('"level": "error"') for p in procs),
+                  **self.dispatch_outcome(count)}
+        log.info("dispatch smsgate x%d: %.1f msg/s (%.2f s by the database, %.2f s wall), peak %d connections",
+                 replicas, result["rate"], result["db_seconds"], result["wall_seconds"], peak)
+        return result
+
+    def dispatch_outcome(self, count: int) -> dict[str, Any]:
+        """How long draining took by the database's clock, and how many attempts it made."""
         elapsed = float(scalar(self.db.dsn, "SELECT extract(epoch FROM (SELECT max(updated_at) FROM messages) - "
                                             "(SELECT min(started_at) FROM attempts))") or 0.0)
         sent, attempts, most = execute(self.db.dsn, """
             SELECT (SELECT count(*) FROM messages WHERE send_status = 'sent'), (SELECT count(*) FROM attempts),
-                   (SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM attempts GROUP BY message_id) AS c)""")[0]
-        errors = sum(p.log_text().count('"level": "error"') for p in procs)
-        result = {"target": "smsgate", "replicas": replicas, "messages": count, "finished": done,
-                  "db_seconds": round(elapsed, 3), "wall_seconds": round(wall, 3),
-                  "rate": round(count / elapsed, 1) if elapsed > 0 else 0.0, "sent": sent, "attempts": attempts,
-                  "max_attempts_per_message": most, "exit_codes": codes, "peak_connections": peak,
-                  "error_log_lines": errors}
-        log.info("dispatch smsgate x%d: %.1f msg/s (%.2f s by the database, %.2f s wall), peak %d connections",
-                 replicas, result["rate"], elapsed, wall, peak)
-        return result
+                   (SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM attempts GROUP BY message_id) AS c)
+            """)[0]
+        return {"db_seconds": round(elapsed, 3), "rate": round(count / elapsed, 1) if elapsed > 0 else 0.0,
+                "sent": sent, "attempts": attempts, "max_attempts_per_message": most}
 
     def dispatch_baseline(self, replicas: int, mode: str) -> dict[str, Any]:
         """The same number of rows drained by R :mod:`bench.claimloop` processes in ``mode``."""
@@ -323,6 +333,26 @@ class Runner:
         return result
 
 
+def access_log_summary(path: Path, offset: int) -> dict[str, Any]:
+    """The API's own view of the requests it logged after ``offset``: count, p99, max and how many took > 1 s.
+
+    The API times a request from its first middleware to its answer; time spent before that (in the socket
+    backlog, or waiting for a busy event loop to read it) is not in these numbers but is in the client's.
+    """
+    durations: list[float] = []
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for line in fh:
+            if line.startswith(b"{") and b'"http_request"' in line:
+                try:
+                    durations.append(float(json.loads(line)["duration_ms"]))
+                except (ValueError, KeyError):
+                    continue
+    durations.sort()
+    return {"count": len(durations), "p99_ms": round(percentile(durations, 0.99), 1),
+            "max_ms": round(durations[-1], 1) if durations else 0.0, "over_1s": sum(1 for d in durations if d > 1000)}
+
+
 def _ms(value: Any) -> float | None:
     """A number of milliseconds from SQL, rounded (None stays None)."""
     return None if value is None else round(float(value), 1)
@@ -332,4 +362,5 @@ def setup_logging() -> None:
     """Progress lines on stderr."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s bench: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")

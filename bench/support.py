@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import psycopg2
 import psycopg2.extensions
@@ -52,7 +52,10 @@ def database_server() -> DatabaseServer:
                           embedded=True)
 
 
-def execute(dsn: str, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+Params = Sequence[Any] | Mapping[str, Any] | None
+
+
+def execute(dsn: str, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
     """Run one statement in autocommit mode; its rows (none for statements without a result)."""
     conn = psycopg2.connect(dsn, connect_timeout=5)
     try:
@@ -64,7 +67,7 @@ def execute(dsn: str, sql: str, params: Sequence[Any] | None = None) -> list[tup
         conn.close()
 
 
-def scalar(dsn: str, sql: str, params: Sequence[Any] | None = None) -> Any:
+def scalar(dsn: str, sql: str, params: Params = None) -> Any:
     """The first column of the first row of a query (None when there is no row)."""
     rows = execute(dsn, sql, params)
     return rows[0][0] if rows else None

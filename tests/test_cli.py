@@ -66,21 +66,31 @@ def test_run_serves_sends_and_stops_cleanly_on_sigterm(dsn: str, tmp_path: Path)
     env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "SENT_SMS_DIR": str(tmp_path)}
     with subprocess.Popen([sys.executable, "-m", "common", "run"], cwd=PROJECT_ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if http("GET", base + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
-            time.sleep(0.1)
-        status, msg = http("POST", base + "/api/v1/messages", {"phone": "+79991234568", "text": "cli"})
-        assert status == 201
-        while http("GET", f"{base}/api/v1/messages/{msg['id']}")[1]["send_status"] != "sent":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert len(list(tmp_path.iterdir())) == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        try:
+            exercise_and_stop(proc, f"http://127.0.0.1:{port}", tmp_path)
+        finally:
+            if proc.poll() is None:  # a failed assertion must not leave the service running on the test database
+                proc.kill()
+                proc.wait()
+
+
+def exercise_and_stop(proc: subprocess.Popen[bytes], base: str, sent_dir: Path) -> None:
+    """Wait for the service, send one SMS through the file provider, then SIGTERM it."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if http("GET", base + "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
+        time.sleep(0.1)
+    status, msg = http("POST", base + "/api/v1/messages",
+                       {"phone": "+79991234568", "text": "cli", "provider": "file"})
+    assert status == 201
+    while http("GET", f"{base}/api/v1/messages/{msg['id']}")[1]["send_status"] != "sent":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(list(sent_dir.iterdir())) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0

@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     CONSTRAINT idempotency_keys_hash_format CHECK (request_hash ~ '^[0-9a-f]{64}$')
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_message_idx ON idempotency_keys (message_id);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_idx ON idempotency_keys (created_at);  -- pruning
 
 -- Per-provider counts per time window (a minute in production), computed once for the whole cluster by the
 -- dispatcher that wins the cluster-jobs lock; /metrics sums them into counters.
@@ -102,8 +103,8 @@ CREATE TABLE IF NOT EXISTS cluster_jobs (
     CONSTRAINT cluster_jobs_order CHECK (done_until >= first_window)
 );
 
--- The stability rating of each provider in each window: delivered / attempts (a successful send counts as
--- delivered for providers that cannot report delivery); NULL when the window had no attempts.
+-- The stability rating of each provider in each window: delivered / attempts that ended in the window (a
+-- successful send counts as delivered for providers that cannot report delivery); NULL when none ended.
 ALTER TABLE provider_window_stats ADD COLUMN IF NOT EXISTS rating double precision;
 CREATE INDEX IF NOT EXISTS provider_window_stats_latest_idx ON provider_window_stats (provider, window_start DESC);
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from api.problems import Problem
 from common.domain import USERNAME_PATTERN
-from common.settings import AuthSettings
+from common.settings import AuthSettings, SettingsError
 
 SMSAUTH_PREFIX = "SMSAUTH:"
 BEARER_PREFIX = "bearer "  # compared case-insensitively: HTTP auth scheme names are (RFC 9110 11.1)
@@ -35,6 +37,27 @@ _JWT_ERRORS: tuple[tuple[type[jwt.InvalidTokenError], str, str], ...] = (
 )
 
 
+def public_key(algorithm: str, pem: str) -> Any:
+    """The SSO's public key (a PEM public key or certificate), checked to suit ``algorithm``; SettingsError if not.
+
+    A key of the wrong kind would otherwise only fail when the first token arrives, with a server error.
+    """
+    try:
+        if "BEGIN CERTIFICATE" in pem:
+            key: Any = x509.load_pem_x509_certificate(pem.encode()).public_key()
+        else:
+            key = load_pem_public_key(pem.encode())
+    except ValueError as exc:
+        raise SettingsError("auth.jwt_public_key is not a PEM public key or certificate (a private key, or "
+                            "damaged?)") from exc
+    if algorithm == "RS256" and not (isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048):
+        raise SettingsError("auth.jwt_public_key must be an RSA key of at least 2048 bits for RS256")
+    if algorithm == "ES256" and not (isinstance(key, ec.EllipticCurvePublicKey)
+                                     and isinstance(key.curve, ec.SECP256R1)):
+        raise SettingsError("auth.jwt_public_key must be a P-256 (secp256r1) EC key for ES256")
+    return key
+
+
 class Authenticator:
     """Checks an ``Authorization`` header against the ``[auth]`` settings; built once per application."""
 
@@ -46,7 +69,7 @@ class Authenticator:
         self.hint = " or ".join(HINTS[s] for s in settings.schemes)
         self.key: Any = settings.jwt_key
         if self.key is not None and not settings.jwt_algorithm.startswith("HS"):
-            self.key = load_pem_public_key(self.key.encode())
+            self.key = public_key(settings.jwt_algorithm, self.key)
 
     def username(self, headers: list[str]) -> str:
         """The caller's username from the Authorization header(s), or a 401 problem saying what is wrong."""

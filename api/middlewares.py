@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -23,6 +22,8 @@ from common.logs import current_request_id
 log = logging.getLogger("smsgate.api")
 access_log = logging.getLogger("smsgate.access")
 
+MAX_FIELD_NAME = 64  # characters of an unknown field's name echoed in a 422
+CANCEL_WAIT = 0.03  # seconds a cancelled handler gets to clean up before the 503 goes out
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PUBLIC_PREFIXES = ("/api/docs", "/api/static")  # the Swagger UI and its OpenAPI document need no auth
@@ -57,6 +58,8 @@ def validation_problem(exc: ValidationError) -> Problem:
     """A 422 problem naming the fields at fault (aiohttp-apispec's error callback raises the same)."""
     messages: Any = exc.messages
     errors = messages if isinstance(messages, dict) else {"_schema": messages}
+    # Unknown fields are reported under their own names; long ones are cut short, not echoed whole.
+    errors = {(k if len(k) <= MAX_FIELD_NAME else k[:MAX_FIELD_NAME] + "..."): v for k, v in errors.items()}
     return Problem(422, "Request is invalid.", code="validation_error", errors=errors)
 
 
@@ -103,10 +106,24 @@ async def deadline_middleware(request: web.Request, handler: Handler) -> web.Str
     if done:
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task  # let it close its connection before we answer
-    raise Problem(503, f"No answer could be had within {cfg.request_deadline:g}s; nothing was stored; try again.",
+    # Give it a moment to close its connection, but no more: a task stuck behind the pool's lock (the server
+    # hangs) must not hold the answer past the second.
+    await asyncio.wait({task}, timeout=CANCEL_WAIT)
+    task.add_done_callback(_consume_result)
+    if request.get(COMMITTING, False):
+        # A COMMIT was sent and no answer came: the server may yet commit it.  Say so; retrying with the same
+        # Idempotency-Key tells which (it replays the message if it was stored, and stores it once otherwise).
+        raise Problem(503, "The outcome is unknown: the database did not confirm the write in time. Retry with "
+                           "the same Idempotency-Key to find out without sending twice.",
+                      code="outcome_unknown", headers={"Retry-After": "1"})
+    raise Problem(503, f"No answer could be had within {cfg.request_deadline:g}s; nothing was changed; try again.",
                   code="deadline_exceeded", headers={"Retry-After": "1"})
+
+
+def _consume_result(task: asyncio.Future[web.StreamResponse]) -> None:
+    """Retrieve a cancelled handler's outcome so that asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 @web.middleware
@@ -116,8 +133,10 @@ async def overload_middleware(request: web.Request, handler: Handler) -> web.Str
     Queueing more work than the pool and the CPU can finish in time only turns every answer late; a quick
     503 with Retry-After keeps the rest within the deadline.  The service routes are never shed.
     """
+    if not request.path.startswith("/api/v1/"):
+        return await handler(request)  # service routes and docs neither count nor get shed
     state = request.app[LOAD]
-    if request.path.startswith("/api/v1/") and state.in_flight >= request.app[SETTINGS].api.max_concurrency:
+    if state.in_flight >= request.app[SETTINGS].api.max_concurrency:
         state.shed += 1
         raise Problem(503, "The service is busy; try again shortly.", code="overloaded", headers={"Retry-After": "1"})
     state.in_flight += 1

@@ -160,6 +160,15 @@ class MessageListSchema(Schema):
                                 metadata={"description": "pass as ?cursor= for the next page; null on the last"})
 
 
+class WindowCountsSchema(Schema):
+    """Counts of one window for one provider."""
+
+    attempts = fields.Integer(required=True)
+    sent = fields.Integer(required=True)
+    failed = fields.Integer(required=True)
+    delivered = fields.Integer(required=True)
+
+
 class ProviderSchema(Schema):
     """A configured provider: its settings and what it can do."""
 
@@ -176,22 +185,13 @@ class ProviderSchema(Schema):
                                            metadata={"description": "attempts per window; null: unlimited"})
     rate_limit_used = fields.Integer(required=True, metadata={"description": "slots taken in the current window"})
     window_seconds = fields.Float(required=True, metadata={"description": "the length of a window (60 in production)"})
-    current_window = fields.Nested(lambda: WindowCountsSchema(), required=True)
+    current_window = fields.Nested(WindowCountsSchema, required=True)
     rating = fields.Float(allow_none=True, required=True,
                           metadata={"description": "latest stability rating, delivered / attempts; null: no data"})
     rated_at = fields.AwareDateTime(allow_none=True, required=True,
                                     metadata={"description": "when the latest rating was computed"})
     circuit = fields.String(required=True, validate=validate.OneOf(["closed", "open"]), metadata={
         "description": "open: the latest window's attempts all failed; only probes and named traffic go there"})
-
-
-class WindowCountsSchema(Schema):
-    """Counts of one window for one provider."""
-
-    attempts = fields.Integer(required=True)
-    sent = fields.Integer(required=True)
-    failed = fields.Integer(required=True)
-    delivered = fields.Integer(required=True)
 
 
 class WindowStatsSchema(WindowCountsSchema):

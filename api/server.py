@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -35,7 +36,8 @@ class ProblemRequestHandler(RequestHandler):
                      extra={"event": "bad_http_request"})
         detail = ("The HTTP request could not be parsed (malformed request line or headers, or headers too large)."
                   if status < 500 else "An unexpected error occurred; it has been logged.")
-        response = problem_response(status, detail, code="bad_http_request" if status < 500 else None)
+        response = problem_response(status, detail, code="bad_http_request" if status < 500 else None,
+                                    headers={"X-Request-ID": uuid.uuid4().hex})
         response.force_close()
         return response
 

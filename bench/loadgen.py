@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -36,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.support import machine_cpu, percentile, process_cpu_seconds
+from bench.support import all_processes_cpu, machine_cpu, percentile, process_cpu_seconds
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
@@ -59,6 +60,7 @@ class Spec:  # pylint: disable=too-many-instance-attributes
     records: str | None = None
     first_seq: int = 0
     watch_pid: int | None = None
+    db_name: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> Spec:
@@ -95,7 +97,7 @@ class Tally:
         failed = status == 0 or (status >= 400 and code is not None)
         self.outcomes[f"{status}:{code}" if failed else str(status)] += 1
 
-    def summary(self, spec: Spec, elapsed: float, cpu: dict[str, float]) -> dict[str, Any]:
+    def summary(self, spec: Spec, elapsed: float, cpu: dict[str, Any]) -> dict[str, Any]:
         """The JSON summary of a run that measured for ``elapsed`` seconds, with the CPU shares in ``cpu``."""
         ok = len(self.ok_latencies)
         return {
@@ -129,28 +131,57 @@ def cpu_seconds() -> float:
 
 @dataclass(frozen=True)
 class CpuMark:
-    """CPU counters at one moment: wall clock, this process, the watched process, the machine (busy, total)."""
+    """CPU counters at one moment: wall clock, this process, the watched process, the machine, every process."""
 
     wall: float
     client: float
     server: float
     busy: float
     total: float
+    processes: dict[int, tuple[float, str]]
 
     @classmethod
     def now(cls, watch_pid: int | None) -> CpuMark:
         """The counters now."""
         busy, total = machine_cpu()
         server = process_cpu_seconds(watch_pid) if watch_pid else 0.0
-        return cls(time.monotonic(), cpu_seconds(), server, busy, total)
+        return cls(time.monotonic(), cpu_seconds(), server, busy, total, all_processes_cpu())
 
-    def shares(self, later: CpuMark) -> dict[str, float]:
-        """CPU shares between this mark and ``later``."""
+    def shares(self, later: CpuMark, spec: Spec) -> dict[str, Any]:
+        """CPU shares between this mark and ``later``.
+
+        ``other_cpu`` is the machine's busy time (in cores) minus what this client, the server under test and
+        the PostgreSQL backends of ``spec.db_name`` (and PostgreSQL's background processes) used: work that does
+        not belong to the measurement and competes with it, including processes that came and went meanwhile.
+        """
         wall = max(1e-9, later.wall - self.wall)
         total = max(1e-9, later.total - self.total)
-        return {"client_cpu": round((later.client - self.client) / wall, 3),
-                "server_cpu": round((later.server - self.server) / wall, 3),
-                "machine_busy": round((later.busy - self.busy) / total, 3)}
+        client = later.client - self.client
+        server = later.server - self.server
+        ours = 0.0
+        others: list[tuple[float, str]] = []
+        for pid, (seconds, cmdline) in later.processes.items():
+            used = seconds - self.processes.get(pid, (0.0, ""))[0]  # a process born meanwhile counts whole
+            if used <= 0 or pid in (os.getpid(), spec.watch_pid):
+                continue
+            if _ours(cmdline, spec.db_name):
+                ours += used
+            else:
+                others.append((used, cmdline[:60]))
+        others.sort(reverse=True)
+        busy_cores = (later.busy - self.busy) / wall
+        return {"client_cpu": round(client / wall, 3), "server_cpu": round(server / wall, 3),
+                "database_cpu": round(ours / wall, 3), "machine_busy": round((later.busy - self.busy) / total, 3),
+                "other_cpu": round(max(0.0, busy_cores - (client + server + ours) / wall), 3),
+                "top_other": [f"{o[1]} ({o[0] / wall:.2f})" for o in others[:3]]}
+
+
+def _ours(cmdline: str, db_name: str | None) -> bool:
+    """A PostgreSQL backend of the database under test, or one of PostgreSQL's background processes."""
+    if not cmdline.startswith("postgres:"):
+        return False
+    backend = "[local]" in cmdline or "(" in cmdline  # a client's session: unix socket or host(port)
+    return (db_name is not None and f" {db_name} " in cmdline) or not backend
 
 
 class LoadGenerator:
@@ -177,11 +208,11 @@ class LoadGenerator:
             await asyncio.sleep(0.01)
             self.tally.loop_lags.append(max(0.0, loop.time() - before - 0.01))
 
-    def cpu_shares(self) -> dict[str, float]:
+    def cpu_shares(self) -> dict[str, Any]:
         """CPU shares over the measured part."""
         if len(self.marks) < 2:
             return {}
-        return self.marks[0].shares(self.marks[-1])
+        return self.marks[0].shares(self.marks[-1], self.spec)
 
     def _take_seq(self) -> int | None:
         """The next sequence number, or None once ``count`` requests have been issued."""
@@ -228,6 +259,7 @@ class LoadGenerator:
         loop.call_at(measure_from, self.mark)
 
         async def worker() -> None:
+            """Send back to back until the end of the step."""
             while loop.time() < end:
                 seq = self._take_seq()
                 if seq is None:

@@ -261,6 +261,7 @@ def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] |
 def wait_http_ok(url: str, child: Child, timeout: float = 30.0) -> None:
     """Wait until GET ``url`` answers 200; fail early when ``child`` (the server) exits."""
     def ready() -> bool:
+        """200 from ``url``; raises when the server has exited."""
         if not child.alive():
             raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_text()[-2000:]}")
         return http_status(url, timeout=1.0) == 200
@@ -291,6 +292,22 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def all_processes_cpu() -> dict[int, tuple[float, str]]:
+    """CPU seconds and command line of every process on the machine, by pid."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text(encoding="ascii", errors="replace").rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        found[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / ticks, cmdline)
+    return found
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text(encoding="ascii").splitlines()[0].split()[1:]]
@@ -303,6 +320,7 @@ def machine_cpu() -> tuple[float, float]:
 def signals_as_exit() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into SystemExit for the duration, so that ``finally`` blocks clean up."""
     def leave(signum: int, _frame: FrameType | None) -> None:
+        """Exit with 128 + the signal number."""
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}

@@ -56,6 +56,24 @@ def scenarios(args: argparse.Namespace, admin_dsn: str, embedded: bool,
     ]
 
 
+def run_all(runs: list[Callable[[], Outcome]]) -> list[Outcome]:
+    """Run each scenario; a crash counts as a failed scenario, and the others still run."""
+    outcomes = []
+    for scenario in runs:
+        began = time.monotonic()
+        try:
+            outcome = scenario()
+        except Exception as exc:  # pylint: disable=broad-exception-caught  # a crash is a failed scenario
+            log.exception("scenario crashed")
+            outcome = Outcome("crashed", "a scenario crashed")
+            outcome.check("the scenario ran to its end", False, f"{type(exc).__name__}: {exc}")
+        outcome.seconds = round(time.monotonic() - began, 1)
+        outcomes.append(outcome)
+        for line in summary_lines([outcome]):
+            log.info("%s", line)
+    return outcomes
+
+
 def main(argv: list[str]) -> int:
     """Run the scenarios; 0 when every invariant held, 1 otherwise."""
     args = parse_args(argv)
@@ -63,31 +81,19 @@ def main(argv: list[str]) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    out = args.out if args.out is not None else (DEFAULT_OUT if mode == "full" else None)
     workdir = Path(tempfile.mkdtemp(prefix="smsgate-chaos-"))
     started = time.monotonic()
     server = database_server()
     outcomes: list[Outcome] = []
     try:
         with signals_as_exit():
-            for scenario in scenarios(args, server.admin_dsn, server.embedded, workdir):
-                began = time.monotonic()
-                try:
-                    outcome = scenario()
-                except Exception as exc:  # pylint: disable=broad-exception-caught  # a crash is a failed scenario
-                    log.exception("scenario crashed")
-                    outcome = Outcome("crashed", "a scenario crashed")
-                    outcome.check("the scenario ran to its end", False, f"{type(exc).__name__}: {exc}")
-                outcome.seconds = round(time.monotonic() - began, 1)
-                outcomes.append(outcome)
-                for line in summary_lines([outcome]):
-                    log.info("%s", line)
+            outcomes = run_all(scenarios(args, server.admin_dsn, server.embedded, workdir))
     finally:
-        failed = not all(o.ok for o in outcomes)
-        if args.keep_logs or failed:
+        if args.keep_logs or not all(o.ok for o in outcomes):
             log.info("logs kept in %s", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    out = args.out if args.out is not None else (DEFAULT_OUT if mode == "full" else None)
     report = render(outcomes, mode, server.source, time.monotonic() - started)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def _recover_and_check(stage: Stage, outcome: Outcome, summary: dict[str, Any],
     """Let one healthy dispatcher finish everything, then check the final state."""
     in_flight = stage.rows("SELECT (SELECT count(*) FROM messages WHERE send_status = 'sending'), "
                            "(SELECT count(*) FROM attempts WHERE finished_at IS NULL)")[0]
-    healthy = stage.dispatcher("healthy")
+    healthy = stage.dispatcher("healthy", wait=True)
     finished = stage.wait_finished(LEASE_SECONDS + 60)
     code = healthy.stop()
     outcome.facts.update({"posts": summary["requests"], "post_outcomes": summary["outcomes"],

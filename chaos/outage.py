@@ -207,6 +207,26 @@ def _drive(stage: Stage, private: PrivateServer, plan: Timeline, outcome: Outcom
         "shutdown, then started again on the same socket.")
 
 
+def _phase_checks(outcome: Outcome, phase: str, times: tuple[float, float, float], records: list[dict[str, Any]],
+                  probes: list[tuple[float, int, float]]) -> None:
+    """503 while the database is away (between ``times[0]`` and ``times[1]``), 201 soon after ``times[2]``."""
+    start, end, back = times
+    inside = [r for r in records if r["t"] > start + 0.05 and r["t"] + r["latency"] < end]
+    codes: dict[str, int] = {}
+    for r in inside:
+        codes[f"{r['status']}:{r['code']}"] = codes.get(f"{r['status']}:{r['code']}", 0) + 1
+    outcome.check(f"while {phase}: every POST answered 503", bool(inside) and all(r["status"] == 503 for r in inside),
+                  f"{len(inside)} answered: {codes}")
+    probes_in = [p for p in probes if start + 0.05 < p[0] and p[0] + p[2] < end]
+    outcome.check(f"while {phase}: /ready answered 503", bool(probes_in) and all(p[1] == 503 for p in probes_in),
+                  f"{len(probes_in)} probes: {sorted({p[1] for p in probes_in})}")
+    first_ok = min((r["t"] + r["latency"] for r in records if r["status"] == 201 and r["t"] >= back), default=None)
+    outcome.check(f"after {phase}: POSTs succeed again within 5 s, by themselves",
+                  first_ok is not None and first_ok - back < 5.0,
+                  f"first 201 {first_ok - back:.2f} s after the database was back" if first_ok else "no 201")
+    outcome.facts[f"{phase}_answers"] = codes
+
+
 def _timing_checks(outcome: Outcome, records: list[dict[str, Any]], probes: list[tuple[float, int, float]],
                    marks: dict[str, float]) -> None:
     """Answers within 1 s, 503 while the database is away, 201 again soon after."""
@@ -216,26 +236,9 @@ def _timing_checks(outcome: Outcome, records: list[dict[str, Any]], probes: list
     outcome.check("every answer came within 1 s (POSTs and /ready probes)", not late,
                   f"slowest POST {slowest * 1000:.0f} ms, slowest probe {slowest_probe * 1000:.0f} ms"
                   + (f", {len(late)} over 1 s" if late else ""))
-    for phase, start, end in (("frozen", "freeze", "thaw"), ("stopped", "stop", "restart")):
-        if start not in marks or end not in marks:
-            continue
-        inside = [r for r in records if r["t"] > marks[start] + 0.05 and r["t"] + r["latency"] < marks[end]]
-        bad = [r for r in inside if r["status"] != 503]
-        codes: dict[str, int] = {}
-        for r in inside:
-            codes[f"{r['status']}:{r['code']}"] = codes.get(f"{r['status']}:{r['code']}", 0) + 1
-        outcome.check(f"while {phase}: every POST answered 503", bool(inside) and not bad,
-                      f"{len(inside)} answered: {codes}")
-        probes_in = [p for p in probes if marks[start] + 0.05 < p[0] and p[0] + p[2] < marks[end]]
-        outcome.check(f"while {phase}: /ready answered 503", bool(probes_in) and all(p[1] == 503 for p in probes_in),
-                      f"{len(probes_in)} probes: {sorted({p[1] for p in probes_in})}")
-        back = marks["thaw"] if phase == "frozen" else marks.get("up", marks[end])
-        first_ok = min((r["t"] + r["latency"] for r in records if r["status"] == 201 and r["t"] >= back),
-                       default=None)
-        recovered = first_ok is not None and first_ok - back < 5.0
-        outcome.check(f"after {phase}: POSTs succeed again within 5 s, by themselves", recovered,
-                      f"first 201 {first_ok - back:.2f} s after the database was back" if first_ok else "no 201")
-        outcome.facts[f"{phase}_answers"] = codes
+    for phase, start, end, back in (("frozen", "freeze", "thaw", "thaw"), ("stopped", "stop", "restart", "up")):
+        if start in marks and end in marks and back in marks:
+            _phase_checks(outcome, phase, (marks[start], marks[end], marks[back]), records, probes)
     tail = [r for r in records if r["t"] > max(r2["t"] for r2 in records) - 2.0]
     outcome.check("the last 2 s of load: all 201", bool(tail) and all(r["status"] == 201 for r in tail),
                   f"{len(tail)} requests")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.support import wait_until
+from bench.support import Child, wait_until
 from chaos.harness import LEASE_SECONDS, Outcome, Stage, final_state_checks, log_events
 from common.store import ABANDONED_ERROR
 
@@ -32,14 +32,16 @@ def run(admin_dsn: str, workdir: Path, *, cycles: int, per_cycle: int) -> Outcom
     """``cycles`` pause-and-resume cycles of ``per_cycle`` fresh messages each."""
     outcome = Outcome("pause", f"SIGSTOP a dispatcher past its lease, then SIGCONT ({cycles} cycle(s))")
     rng = random.Random(11)
-    totals: dict[str, int] = {"held": 0, "reclaimed": 0, "rejected_late_writes": 0, "skipped_sends": 0,
-                              "sent_by_rescuer_during_pause": 0}
+    totals: dict[str, int] = {}
     with Stage(admin_dsn, "pause", workdir) as stage:
         for cycle in range(cycles):
             stage.rows(QUEUE_SQL, {"offset": cycle * per_cycle, "count": per_cycle})
-            facts = _cycle(stage, outcome, cycle, rng)
-            for key in totals:
-                totals[key] += int(facts.get(key, 0))
+            run_cycle = Cycle(stage, outcome, cycle)
+            if run_cycle.pause(rng):
+                run_cycle.take_over()
+                run_cycle.resume()
+            for key, value in run_cycle.facts.items():
+                totals[key] = totals.get(key, 0) + value
         finished = stage.wait_finished(30)
         outcome.check("everything finishes after the pauses", finished)
         final_state_checks(stage, outcome)
@@ -61,52 +63,81 @@ def _catch_holding(stage: Stage, victim_pid_send: Any, rng: random.Random) -> di
     return {}
 
 
-def _cycle(stage: Stage, outcome: Outcome, cycle: int, rng: random.Random) -> dict[str, Any]:
-    """One pause-and-resume cycle; checks recorded in ``outcome``; returns the cycle's numbers."""
-    victim = stage.dispatcher(f"victim-{cycle}", wait=True)
-    before = int(stage.value("SELECT count(*) FROM attempts"))
-    wait_until(lambda: int(stage.value("SELECT count(*) FROM attempts")) > before + 10, 20, 0.02)
-    held = _catch_holding(stage, victim.send, rng)
-    label = f"cycle {cycle + 1}"
-    if not outcome.check(f"{label}: the victim was paused while holding claims", bool(held)):
-        victim.stop()
-        return {}
-    paused_at = time.monotonic()
-    sent_before = int(stage.value("SELECT count(*) FROM messages WHERE send_status = 'sent'"))
-    rescuer = stage.dispatcher(f"rescuer-{cycle}")
+class Cycle:
+    """One pause-and-resume cycle; its checks go to the scenario's :class:`Outcome`."""
 
-    def reclaimed() -> bool:
-        now = {str(r[0]): str(r[1]) for r in stage.rows(
-            "SELECT id, claim_token FROM messages WHERE id = ANY(%s::uuid[])", (list(held),))}
-        return all(now[i] != token for i, token in held.items())
+    def __init__(self, stage: Stage, outcome: Outcome, number: int) -> None:
+        """Cycle ``number`` (from 0) on ``stage``."""
+        self.stage = stage
+        self.outcome = outcome
+        self.number = number
+        self.label = f"cycle {number + 1}"
+        self.victim = stage.dispatcher(f"victim-{number}", wait=True)
+        self.rescuer: Child | None = None
+        self.held: dict[str, str] = {}
+        self.facts: dict[str, int] = {}
 
-    taken = wait_until(reclaimed, LEASE_SECONDS + 15, 0.1)
-    during = int(stage.value("SELECT count(*) FROM messages WHERE send_status = 'sent'")) - sent_before
-    paused_for = time.monotonic() - paused_at
-    outcome.check(f"{label}: the rescuer took over every message the paused victim held", taken,
-                  f"{len(held)} held, paused {paused_for:.1f} s (lease {LEASE_SECONDS:g} s)")
-    victim.send(signal.SIGCONT)
+    def count(self, sql: str) -> int:
+        """A count from the database."""
+        return int(self.stage.value(sql))
 
-    def victim_answered() -> bool:
-        ids = {e.get("message_id") for e in log_events(victim, *REJECTED_EVENTS)}
-        return set(held) <= ids
+    def pause(self, rng: random.Random) -> bool:
+        """Let the victim work, then pause it while it holds claims; False when that never happened."""
+        before = self.count("SELECT count(*) FROM attempts")
+        wait_until(lambda: self.count("SELECT count(*) FROM attempts") > before + 10, 20, 0.02)
+        self.held = _catch_holding(self.stage, self.victim.send, rng)
+        if not self.outcome.check(f"{self.label}: the victim was paused while holding claims", bool(self.held)):
+            self.victim.stop()
+            return False
+        return True
 
-    answered = wait_until(victim_answered, 10, 0.1)
-    stage.wait_finished(20)
-    codes = (victim.stop(), rescuer.stop())
-    events = log_events(victim, *REJECTED_EVENTS)
-    rejected_ids = {e.get("message_id") for e in events}
-    outcome.check(f"{label}: every late write of the resumed victim was rejected or not attempted", answered,
-                  f"{len(set(held) & rejected_ids)}/{len(held)} held messages logged as 'claim lost; late write "
-                  "rejected' or 'lease too short to send'")
-    closed = stage.rows("""
-        SELECT a.message_id, a.result, a.error, a.number FROM attempts a
-        WHERE a.message_id = ANY(%s::uuid[]) ORDER BY a.message_id, a.number""", (list(held),))
-    abandoned = {str(r[0]) for r in closed if r[2] == ABANDONED_ERROR}
-    outcome.check(f"{label}: the victim's attempts were closed as abandoned by the rescuer", set(held) <= abandoned,
-                  f"{len(set(held) & abandoned)}/{len(held)}")
-    outcome.check(f"{label}: both dispatchers exit 0 on SIGTERM", codes == (0, 0), f"exit codes {codes}")
-    return {"held": len(held), "reclaimed": len(held) if taken else 0,
-            "rejected_late_writes": sum(1 for e in events if e.get("event") == "stale_write_rejected"),
+    def take_over(self) -> None:
+        """Start the rescuer and wait until it has reclaimed every message the victim holds."""
+        paused_at = time.monotonic()
+        sent_before = self.count("SELECT count(*) FROM messages WHERE send_status = 'sent'")
+        self.rescuer = self.stage.dispatcher(f"rescuer-{self.number}")
+
+        def reclaimed() -> bool:
+            """No held message is still under the victim's claim token."""
+            now = {str(r[0]): str(r[1]) for r in self.stage.rows(
+                "SELECT id, claim_token FROM messages WHERE id = ANY(%s::uuid[])", (list(self.held),))}
+            return all(now[i] != token for i, token in self.held.items())
+
+        taken = wait_until(reclaimed, LEASE_SECONDS + 15, 0.1)
+        self.facts["sent_by_rescuer_during_pause"] = self.count(
+            "SELECT count(*) FROM messages WHERE send_status = 'sent'") - sent_before
+        self.facts["reclaimed"] = len(self.held) if taken else 0
+        self.outcome.check(f"{self.label}: the rescuer took over every message the paused victim held", taken,
+                           f"{len(self.held)} held, paused {time.monotonic() - paused_at:.1f} s "
+                           f"(lease {LEASE_SECONDS:g} s)")
+
+    def resume(self) -> None:
+        """SIGCONT the victim, let both finish, stop both, and check what the victim did with its stale work."""
+        self.victim.send(signal.SIGCONT)
+        answered = wait_until(lambda: set(self.held) <= {e.get("message_id") for e in log_events(
+            self.victim, *REJECTED_EVENTS)}, 10, 0.1)
+        self.stage.wait_finished(20)
+        assert self.rescuer is not None
+        codes = (self.victim.stop(), self.rescuer.stop())
+        events = log_events(self.victim, *REJECTED_EVENTS)
+        rejected = {str(e.get("message_id")) for e in events if e.get("event") == "stale_write_rejected"}
+        self.outcome.check(f"{self.label}: every late write of the resumed victim was rejected or not attempted",
+                           answered, f"{len(set(self.held) & {e.get('message_id') for e in events})}/{len(self.held)} "
+                           "held messages logged as 'claim lost; late write rejected' or 'lease too short to send'")
+        self.outcome.check(f"{self.label}: both dispatchers exit 0 on SIGTERM", codes == (0, 0), f"exit codes {codes}")
+        rows = self.stage.rows("""
+            SELECT m.id, m.requested_provider, m.send_status,
+                   bool_or(a.error = %s) AS abandoned, count(a.*) FILTER (WHERE a.result = 'ok') AS ok
+            FROM messages m JOIN attempts a ON a.message_id = m.id
+            WHERE m.id = ANY(%s::uuid[]) GROUP BY m.id""", (ABANDONED_ERROR, list(self.held)))
+        abandoned = {str(r[0]) for r in rows if r[3]}
+        self.outcome.check(f"{self.label}: the victim's attempts were closed as abandoned by the rescuer",
+                           set(self.held) <= abandoned, f"{len(set(self.held) & abandoned)}/{len(self.held)}")
+        self.facts.update({
+            "held": len(self.held), "rejected_late_writes": len(rejected),
             "skipped_sends": sum(1 for e in events if e.get("event") == "send_skipped_lease"),
-            "sent_by_rescuer_during_pause": during}
+            # The victim had called the provider for these (its write came back rejected), yet:
+            "stub_taken_by_provider_but_failed": sum(
+                1 for r in rows if str(r[0]) in rejected and r[1] == "stub" and r[2] == "failed"),
+            "file_sent_again_by_rescuer": sum(
+                1 for r in rows if str(r[0]) in rejected and r[1] == "file" and r[4] == 1)})

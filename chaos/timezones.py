@@ -38,19 +38,30 @@ def _stamps(message: dict[str, Any]) -> list[str]:
 
 
 def _pass(stage: Stage, zone: str, outcome: Outcome) -> None:
-    """POST, wait, read back, look at the files."""
+    """POST, wait, read back, look at the files and the logs."""
     label = f"db {zone}"
     stage.rows(f'ALTER DATABASE "{stage.db.name}" SET timezone = %s', (zone,))
-    _api, url = stage.api(TZ=TOKYO)
+    url = stage.api(TZ=TOKYO)[1]
     dispatcher = stage.dispatcher("dispatcher", wait=True, TZ=TOKYO)
+    ids = _post(url, label, outcome)
+    outcome.check(f"{label}: the messages finish (sent, then delivered 0.5 s later)", stage.wait_finished(30))
+    messages = [http_json("GET", f"{url}/api/v1/messages/{i}", headers=HEADERS)[1] for i in ids]
+    _read_checks(url, label, messages, outcome)
+    _file_checks(stage, label, [m for m in messages if m.get("provider") == "file"], outcome)
+    times = [e.get("time", "") for e in dispatcher.log_events()]
+    outcome.check(f"{label}: the dispatcher's log times are UTC", bool(times) and all(
+        str(t).endswith("+00:00") for t in times), f"e.g. {times[0] if times else '-'}")
+
+
+def _post(url: str, label: str, outcome: Outcome) -> list[str]:
+    """Five file messages to even numbers and one stub message; checks the answers' created_at.  The new ids."""
     posted = []
     for i in range(6):
         phone = f"+799970000{i}4" if i < 5 else "+79997000993"
         before = dt.datetime.now(dt.timezone.utc)
         status, body = http_json("POST", url + "/api/v1/messages", {
             "phone": phone, "text": f"tz {i}", "provider": "file" if i < 5 else "stub"}, HEADERS)
-        after = dt.datetime.now(dt.timezone.utc)
-        posted.append((status, body, before, after))
+        posted.append((status, body, before, dt.datetime.now(dt.timezone.utc)))
     outcome.check(f"{label}: every POST answered 201", all(p[0] == 201 for p in posted),
                   str([p[0] for p in posted]))
     created_ok = [p for p in posted if p[0] == 201 and before_after(p[1]["created_at"], p[2], p[3])]
@@ -58,14 +69,14 @@ def _pass(stage: Stage, zone: str, outcome: Outcome) -> None:
                   len(created_ok) == len(posted),
                   f"{len(created_ok)}/{len(posted)}; e.g. {posted[0][1].get('created_at')} for a POST at "
                   f"{posted[0][2].isoformat(timespec='milliseconds')}")
-    finished = stage.wait_finished(30)
-    outcome.check(f"{label}: the messages finish (sent, then delivered 0.5 s later)", finished)
-    messages = [http_json("GET", f"{url}/api/v1/messages/{p[1]['id']}", headers=HEADERS)[1] for p in posted
-                if p[0] == 201]
+    return [str(p[1]["id"]) for p in posted if p[0] == 201]
+
+
+def _read_checks(url: str, label: str, messages: list[dict[str, Any]], outcome: Outcome) -> None:
+    """Timestamps in GET answers: UTC offsets, the list agreeing with GET by id, the delivery delay."""
     stamps = [s for m in messages for s in _stamps(m)]
-    parsed = [parse_time(s) for s in stamps]
     outcome.check(f"{label}: every timestamp in the answers carries a UTC offset (+00:00)",
-                  all(p.utcoffset() == dt.timedelta(0) for p in parsed),
+                  all(parse_time(s).utcoffset() == dt.timedelta(0) for s in stamps),
                   f"{len(stamps)} timestamps, e.g. {stamps[0] if stamps else '-'}")
     listed = http_json("GET", f"{url}/api/v1/messages?limit=20", headers=HEADERS)[1]
     listed_by_id = {m["id"]: m for m in (listed or {}).get("items", [])}
@@ -76,10 +87,6 @@ def _pass(stage: Stage, zone: str, outcome: Outcome) -> None:
               if m.get("delivered_at") and m.get("sent_at")]
     outcome.check(f"{label}: delivered_at = sent_at + 0.5 s", len(delays) == len(file_messages) and all(
         d == dt.timedelta(seconds=0.5) for d in delays), str(sorted({str(d) for d in delays})))
-    _file_checks(stage, label, file_messages, outcome)
-    times = [e.get("time", "") for e in dispatcher.log_events()]
-    outcome.check(f"{label}: the dispatcher's log times are UTC", bool(times) and all(
-        str(t).endswith("+00:00") for t in times), f"e.g. {times[0] if times else '-'}")
 
 
 def before_after(value: str, before: dt.datetime, after: dt.datetime) -> bool:

@@ -177,8 +177,9 @@ async def connection(pool: aiopg.Pool) -> AsyncIterator[aiopg.Connection]:
             # CancelledError.  Say what it really is, or the request would be torn down without an answer.
             raise DatabaseUnavailable("statement timeout") from exc
         raise
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        # The server went away or a statement timed out: say so in one type the callers can answer 503 to.
+    except (psycopg2.OperationalError, psycopg2.InterfaceError, TimeoutError) as exc:
+        # The server went away, a statement timed out (server side, or aiopg's own operation timeout): say so
+        # in one type the callers can answer 503 to.
         conn.close()
         raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
     except BaseException:

@@ -277,7 +277,12 @@ def _auth(section: _Reader) -> AuthSettings:
         jwt_leeway_seconds=section.number("jwt_leeway_seconds", float, AuthSettings.jwt_leeway_seconds,
                                           low=0, high=3600),
     )
-    default_schemes = ["smsauth", "jwt"] if auth.jwt_key else ["smsauth"]
+    if algorithm.startswith("HS") and auth.jwt_public_key or not algorithm.startswith("HS") and auth.jwt_secret:
+        raise SettingsError(f"auth: {algorithm} verifies with "
+                            f"{'jwt_secret' if algorithm.startswith('HS') else 'jwt_public_key'}, not with "
+                            f"{'jwt_public_key' if algorithm.startswith('HS') else 'jwt_secret'}")
+    # Secure by default: configuring the SSO's key means SSO tokens only; SMSAUTH stays on only when listed.
+    default_schemes = ["jwt"] if auth.jwt_key else ["smsauth"]
     schemes = section.get("schemes", list, default_schemes)
     if not schemes or any(s not in AUTH_SCHEMES for s in schemes):
         raise SettingsError(f"auth.schemes must be a non-empty list of {', '.join(AUTH_SCHEMES)}, not {schemes!r}")

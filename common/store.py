@@ -433,11 +433,14 @@ _events = sa.union_all(
     .where(m.delivery_status == DeliveryStatus.DELIVERED.value, _between(m.updated_at)),
 ).subquery("events")
 # The rating: delivered / attempts, where a provider that cannot report delivery counts a successful send as
-# delivered; capped at 1 (a window may record deliveries of earlier windows' sends).
+# delivered.  "Attempts" are those that ended in the window (ok or error), so an attempt started just before a
+# window's end is not counted as a failure of that window; capped at 1 (deliveries of earlier windows' sends).
 _delivered_or_sent = sa.func.sum(_events.c.delivered) + sa.case(
     (_events.c.provider == sa.any_(sa.bindparam("no_reports", type_=ARRAY(sa.Text))), sa.func.sum(_events.c.sent)),
     else_=0)
-_rating = sa.func.least(1.0, sa.cast(_delivered_or_sent, sa.Float) / sa.func.nullif(sa.func.sum(_events.c.attempts), 0))
+_ended = sa.func.sum(_events.c.sent) + sa.func.sum(_events.c.failed)
+# (LEAST ignores NULLs, so the "no attempt ended" case must be its own branch, not a division by NULL.)
+_rating = sa.case((_ended > 0, sa.func.least(1.0, sa.cast(_delivered_or_sent, sa.Float) / _ended)), else_=None)
 _window_rows = (
     pg_insert(provider_window_stats)
     .from_select(["window_start", "provider", "attempts", "sent", "failed", "delivered", "rating"],
@@ -621,6 +624,20 @@ async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float
     await fetch_all(conn, COMPUTE_WINDOWS, window=window, start=start, until=until, no_reports=list(without_reports))
     await fetch_all(conn, SAVE_JOB_PROGRESS, name=STATS_JOB, start=start, until=until)
     return WindowRun(start, until, span["first_window"] or start)
+
+
+PRUNE_KEYS = Query(
+    sa.delete(idempotency_keys).where(
+        sa.tuple_(k.username, k.key).in_(
+            sa.select(k.username, k.key)
+            .where(k.created_at < sa.func.now() - sa.cast(sa.bindparam("window"), sa.Interval))
+            .limit(sa.bindparam("batch")).scalar_subquery())),
+    "prune_idempotency_keys")
+
+
+async def prune_idempotency_keys(conn: aiopg.Connection, *, batch: int = 1000) -> None:
+    """Forget up to ``batch`` Idempotency-Keys older than the replay window."""
+    await fetch_all(conn, PRUNE_KEYS, window=IDEMPOTENCY_WINDOW, batch=batch)
 
 
 async def scope_activity(conn: aiopg.Connection, *, start: dt.datetime, until: dt.datetime) -> dict[str, Row]:

@@ -69,6 +69,7 @@ class ClusterJobs:
                                               max_windows=MAX_WINDOWS_PER_RUN, without_reports=self.without_reports)
             if run is not None:
                 await self._evaluate_alerts(conn, run)
+                await store.prune_idempotency_keys(conn)
         if run is not None and self.settings.metrics.pushgateway_url:
             await self._push()
         await self.send_notifications()

@@ -54,7 +54,7 @@ class RetryPolicy:
         return Retry(self.retry_interval)
 
 
-def rank_providers(message_id: uuid.UUID, region: str | None, providers: Sequence[ProviderSettings],
+def rank_providers(message_id: uuid.UUID, *, region: str | None, providers: Sequence[ProviderSettings],
                    snapshot: RoutingSnapshot, exhausted: Collection[str], current: str | None,
                    default: str | None = None) -> list[tuple[str, bool]]:
     """The providers to try for a message the service routes, best first, as (name, only_as_probe).
@@ -63,7 +63,9 @@ def rank_providers(message_id: uuid.UUID, region: str | None, providers: Sequenc
     stability rating (to two decimals; a provider not rated yet counts as 1.0), then ``default``, then
     ``priority`` (lower first), then a hash of (message, provider) that spreads ties evenly.  The provider the
     message is already on stays first while it is eligible, so its retries keep their interval.  Providers
-    whose circuit is open come last and only as probes (one probe attempt per window, cluster-wide).
+    whose circuit is open are listed first but only as probes: the dispatcher sends to one only when it wins
+    that provider's single probe slot of the window (cluster-wide), so a failing provider gets one message a
+    window, and recovers its traffic once a probe succeeds.
     """
     def key(p: ProviderSettings) -> tuple[float, int, int, int]:
         rated = snapshot.ratings.get(p.name)
@@ -77,4 +79,4 @@ def rank_providers(message_id: uuid.UUID, region: str | None, providers: Sequenc
         closed.remove(current)
         closed.insert(0, current)
     probes = [p.name for p in eligible if p.name in snapshot.open_circuits]
-    return [(name, False) for name in closed] + [(name, True) for name in probes]
+    return [(name, True) for name in probes] + [(name, False) for name in closed]

@@ -185,8 +185,9 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
                 else:
                     plan.attempts[item.id] = (name, made.get(name, 0) + 1)
                 continue
-            ranked = rank_providers(item.id, region_of(item.phone), self.provider_settings, self.routing,
-                                    exhausted, item.provider, self.cfg.default_provider)
+            ranked = rank_providers(item.id, region=region_of(item.phone), providers=self.provider_settings,
+                                    snapshot=self.routing, exhausted=exhausted, current=item.provider,
+                                    default=self.cfg.default_provider)
             if not ranked:
                 plan.give_up[item.id] = "no eligible provider has attempts left"
                 continue

@@ -57,24 +57,27 @@ def rated(**ratings: float) -> dict[str, dict[str, float]]:
     # disabled and exhausted providers are skipped
     ([A, B, OFF], "RU", {}, set(), {"a"}, None, [("b", False)]),
     ([A, B], "RU", {}, set(), {"a", "b"}, None, []),
-    # an open circuit: last, and only as a probe
-    ([A, B], "RU", {}, {"a"}, set(), None, [("b", False), ("a", True)]),
+    # an open circuit: only as a probe (tried first: the window's single probe slot decides)
+    ([A, B], "RU", {}, {"a"}, set(), None, [("a", True), ("b", False)]),
     # the provider a message is on stays first while eligible (its retries keep their interval)
     ([A, B], "RU", {}, set(), set(), "b", [("b", False), ("a", False)]),
-    ([A, B], "RU", {}, {"b"}, set(), "b", [("a", False), ("b", True)]),
+    ([A, B], "RU", {}, {"b"}, set(), "b", [("b", True), ("a", False)]),
 ])
-def test_rank_providers(providers: list[ProviderSettings], region: str | None, ratings: dict[str, Any],
-                        open_circuits: set[str], exhausted: set[str], current: str | None,
-                        expected: list[tuple[str, bool]]) -> None:
+def test_rank_providers(  # pylint: disable=too-many-positional-arguments  # one per table column
+        providers: list[ProviderSettings], region: str | None, ratings: dict[str, Any], open_circuits: set[str],
+        exhausted: set[str], current: str | None, expected: list[tuple[str, bool]]) -> None:
     """Eligibility, rating, priority, stickiness and probes."""
     snapshot = RoutingSnapshot(ratings, open_circuits)
-    assert rank_providers(MID, region, providers, snapshot, exhausted, current) == expected
+    assert rank_providers(MID, region=region, providers=providers, snapshot=snapshot, exhausted=exhausted,
+                          current=current) == expected
 
 
 def test_default_provider_wins_ties_and_ties_spread() -> None:
     """dispatcher.default_provider goes first among equals; without it, equal providers share the traffic."""
     twins = [ProviderSettings(name="x", type="stub"), ProviderSettings(name="y", type="stub")]
     empty = RoutingSnapshot({}, set())
-    assert rank_providers(MID, "RU", twins, empty, set(), None, default="y")[0] == ("y", False)
-    firsts = [rank_providers(uuid.UUID(int=i), "RU", twins, empty, set(), None)[0][0] for i in range(200)]
+    assert rank_providers(MID, region="RU", providers=twins, snapshot=empty, exhausted=(), current=None,
+                          default="y")[0] == ("y", False)
+    firsts = [rank_providers(uuid.UUID(int=i), region="RU", providers=twins, snapshot=empty, exhausted=(),
+                             current=None)[0][0] for i in range(200)]
     assert 60 < firsts.count("x") < 140

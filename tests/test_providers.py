@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,22 @@ async def test_send_wrapper_turns_every_failure_into_a_provider_error(tmp_path: 
     with pytest.raises(ProviderError) as info:
         await provider.send(make_sms())
     assert (info.value.reason, info.value.retryable) == (reason, retryable)
+
+
+async def test_a_slow_disk_never_yields_a_file_for_a_failed_attempt(tmp_path: Path) -> None:
+    """The write gives up before the file takes its name once the timeout is near, so an attempt that timed out
+    never leaves a file behind (its retry would make a second one)."""
+    provider = FileProvider(ProviderSettings(name="file", type="file", timeout=0.2), ProviderContext(tmp_path))
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)
+        real_fsync(fd)
+    with mock.patch("common.providers.file.os.fsync", side_effect=slow_fsync):
+        with pytest.raises(ProviderError, match="no answer within 0.2s|in time"):
+            await provider.send(make_sms())
+        await asyncio.sleep(0.2)  # the thread has long finished
+    assert not list(tmp_path.iterdir())
 
 
 def test_file_work_is_atomic_on_disk(tmp_path: Path) -> None:

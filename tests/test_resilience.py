@@ -4,15 +4,19 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Iterator
+import contextlib
+from typing import Any, AsyncIterator, Iterator
+from unittest import mock
 
 import psycopg2
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from api import views
 from api.app import create_app
 from api.keys import POOL
+from common.database import transaction
 from tests.conftest import ClientFactory
 from tests.helpers import auth, make_settings
 
@@ -92,6 +96,27 @@ async def test_writes_that_cannot_finish_in_time_store_nothing(aiohttp_client: C
         cur.execute("SELECT count(*) FROM messages")
         assert cur.fetchone() == (0,)
     conn.close()
+
+
+async def test_a_commit_that_gets_no_answer_is_reported_as_unknown(
+        aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:
+    """A COMMIT sent but never confirmed (a frozen server) may still land: the answer says the outcome is
+    unknown, within the second, rather than claiming that nothing was stored."""
+    api = await aiohttp_client(create_app(make_settings(tmp_path), dsn))
+    real = transaction
+
+    @contextlib.asynccontextmanager
+    async def hanging_commit(pool: Any, *, statement_timeout: Any = None,
+                             before_commit: Any = None) -> AsyncIterator[Any]:
+        # pylint: disable-next=contextmanager-generator-missing-cleanup  # it is meant to hang, then be cancelled
+        async with real(pool, statement_timeout=statement_timeout) as conn:
+            yield conn
+            before_commit()
+            await asyncio.sleep(5)  # the COMMIT's answer never comes
+    with mock.patch.object(views, "transaction", hanging_commit):
+        status, seconds, body = await timed(api, "POST", "/api/v1/messages", json=BODY)
+    assert (status, body["code"]) == (503, "outcome_unknown") and seconds < 1.0
+    assert "Idempotency-Key" in body["detail"]
 
 
 async def test_excess_load_is_shed_at_once(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:

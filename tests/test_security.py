@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from api.app import create_app
+from api.auth import public_key
 from common.settings import SettingsError
 from tests.conftest import ClientFactory
 from tests.helpers import auth, make_settings
@@ -66,8 +67,8 @@ async def status_and_code(api: Client, headers: dict[str, str]) -> tuple[int, st
 
 
 async def test_hs256_token_authenticates_its_subject(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:
-    """A valid HS256 token: the sub claim is the user, and SMSAUTH still works alongside."""
-    api = await jwt_client(aiohttp_client, dsn, tmp_path, jwt_secret=SECRET)
+    """A valid HS256 token: the sub claim is the user; SMSAUTH works alongside only when listed."""
+    api = await jwt_client(aiohttp_client, dsn, tmp_path, jwt_secret=SECRET, schemes=["smsauth", "jwt"])
     token = jwt.encode(claims(), SECRET, algorithm="HS256")
     resp = await api.post(MESSAGES, json=BODY, headers=bearer(token))
     assert resp.status == 201
@@ -141,6 +142,35 @@ async def test_asymmetric_tokens_and_the_attacks_on_them(aiohttp_client: ClientF
     assert await status_and_code(api, bearer(confused)) == (401, "algorithm_not_allowed")
 
 
+def test_a_key_is_jwt_only_by_default(tmp_path: Path) -> None:
+    """Configuring the SSO's key turns SMSAUTH off unless the schemes list it."""
+    assert make_settings(tmp_path, auth={"jwt_secret": SECRET}).auth.schemes == ("jwt",)
+    both = make_settings(tmp_path, auth={"jwt_secret": SECRET, "schemes": ["smsauth", "jwt"]})
+    assert both.auth.schemes == ("smsauth", "jwt")
+
+
+@pytest.mark.parametrize(("algorithm", "kind"), [("RS256", "ec"), ("ES256", "rsa"), ("RS256", "private"),
+                                                 ("RS256", "weak"), ("ES256", "p384")])
+def test_keys_that_do_not_fit_the_algorithm_stop_start_up(algorithm: str, kind: str) -> None:
+    """A key of the wrong kind (or a private key, or a weak one) is refused when the API starts, not at the
+    first token."""
+    key: Any
+    if kind == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif kind == "p384":
+        key = ec.generate_private_key(ec.SECP384R1())
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=1024 if kind == "weak" else 2048)
+    if kind == "private":
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    else:
+        pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    with pytest.raises(SettingsError, match="jwt_public_key"):
+        public_key(algorithm, pem)
+
+
 @pytest.mark.parametrize("token", ["", "abc", "a.b.c", "x" * 5000, "eyJhbGciOiJIUzI1NiJ9.e30.\u00e9"])
 async def test_malformed_tokens(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path, token: str) -> None:
     """Garbage instead of a token: 401 invalid_token."""
@@ -164,6 +194,8 @@ async def test_schemes_can_be_switched_off(aiohttp_client: ClientFactory, dsn: s
     ({"jwt_algorithm": "HS512"}, "must be one of"),
     ({"schemes": ["kerberos"]}, "non-empty list"),
     ({"jwt_algorithm": "RS256", "jwt_public_key": "/nonexistent.pem"}, "not PEM text"),
+    ({"jwt_algorithm": "RS256", "jwt_secret": SECRET}, "not with jwt_secret"),
+    ({"jwt_public_key": "-----BEGIN PUBLIC KEY-----"}, "not with jwt_public_key"),
 ])
 def test_auth_settings_are_checked(tmp_path: Path, table: dict[str, Any], message: str) -> None:
     """Misconfigured JWT settings stop start-up."""

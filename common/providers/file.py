@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 from common.domain import DeliveryStatus
 from common.providers import register
-from common.providers.base import DeliveryReport, Provider, ProviderError, SendReceipt, Sms
+from common.providers.base import DeliveryReport, Provider, ProviderError, ProviderTimeout, SendReceipt, Sms
 
 MAX_NAME_TRIES = 10_000  # more same-microsecond sends to one number than this is not a burst but a bug
+LINK_MARGIN = 0.05  # seconds before the provider timeout after which no file takes its final name
 
 
 class OddNumberRefused(ProviderError):
@@ -40,10 +42,27 @@ class FileProvider(Provider):
         super().configure(rest)
 
     async def _send(self, sms: Sms) -> SendReceipt:
-        """Write the file, or refuse an odd number."""
+        """Write the file, or refuse an odd number.
+
+        A thread cannot be cancelled, so the timeout is enforced inside it: the write gives up before the file
+        takes its final name once the time is up.  If the caller's timeout fires while the thread is still
+        finishing, the outcome of the thread decides: a file that did appear is reported as sent, never as a
+        failure (which would lead to a retry, and a second file).
+        """
         if int(sms.phone[-1]) % 2:
             raise OddNumberRefused()
-        await asyncio.to_thread(write_exclusive, self.context.sent_sms_dir, sms.started_at, sms.phone, sms.text)
+        deadline = time.monotonic() + self.settings.timeout - LINK_MARGIN
+        write = asyncio.ensure_future(asyncio.to_thread(
+            write_exclusive, self.context.sent_sms_dir, sms.started_at, sms.phone, sms.text, deadline))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            try:
+                await write  # ends by the deadline at the latest
+            except ProviderError:
+                raise asyncio.CancelledError() from None  # nothing was written: let the timeout stand
+            # The file is there: the SMS went out.  Not re-raising the cancellation makes this a success
+            # (asyncio.timeout then raises nothing; it uncancels the task itself).
         return SendReceipt(check_delivery_after=self.delivery_delay)
 
     async def _check_delivery(self, message_id: uuid.UUID, sent_at: dt.datetime,
@@ -55,8 +74,11 @@ class FileProvider(Provider):
         return DeliveryReport(DeliveryStatus.PENDING, check_again_after=(delivered_at - now).total_seconds())
 
 
-def write_exclusive(folder: Path, when: dt.datetime, phone: str, text: str) -> Path:
-    """Write ``text`` to ``folder/<when>_<phone>.txt`` without ever replacing a file; return the path used."""
+def write_exclusive(folder: Path, when: dt.datetime, phone: str, text: str, deadline: float | None = None) -> Path:
+    """Write ``text`` to ``folder/<when>_<phone>.txt`` without ever replacing a file; return the path used.
+
+    With a ``deadline`` (``time.monotonic()``), give up before linking the final name once it has passed.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     stamp = when.astimezone(dt.timezone.utc)
     temp = folder / f".{uuid.uuid4().hex}.tmp"
@@ -66,6 +88,8 @@ def write_exclusive(folder: Path, when: dt.datetime, phone: str, text: str) -> P
             fh.flush()
             os.fsync(fh.fileno())
         for _ in range(MAX_NAME_TRIES):
+            if deadline is not None and time.monotonic() > deadline:
+                raise ProviderTimeout("the file could not be written in time")
             final = folder / f"{stamp.isoformat(timespec='microseconds')}_{phone}.txt"
             try:
                 os.link(temp, final)  # atomic, and fails when the name is taken

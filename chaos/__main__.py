@@ -27,6 +27,7 @@ from common.settings import PROJECT_ROOT
 
 log = logging.getLogger("chaos")
 DEFAULT_OUT = PROJECT_ROOT / "docs" / "chaos.md"
+NAMES = ("kill", "pause", "outage", "timezone")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="report path (default: docs/chaos.md for a full run, none otherwise)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs and files")
+    parser.add_argument("--only", choices=NAMES, action="append", help="run only this scenario (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -45,15 +47,17 @@ def scenarios(args: argparse.Namespace, admin_dsn: str, embedded: bool,
               workdir: Path) -> list[Callable[[], Outcome]]:
     """The scenarios to run, in order, sized for the mode."""
     if args.smoke:
-        return [lambda: kill.run(admin_dsn, workdir, messages=200, rate=100, min_seconds=4, name="kill_smoke")]
+        return [lambda: kill.run(admin_dsn, workdir, messages=200, rate=100, min_seconds=5, name="kill_smoke")]
     quick = args.quick
-    return [
-        lambda: kill.run(admin_dsn, workdir, messages=300 if quick else 1000, rate=100,
-                         min_seconds=5 if quick else 15),
-        lambda: pause.run(admin_dsn, workdir, cycles=1 if quick else 3, per_cycle=400 if quick else 600),
-        lambda: outage.run(workdir, embedded=embedded, quick=quick),
-        lambda: timezones.run(admin_dsn, workdir, database_zones=("UTC",) if quick else ("UTC", "America/St_Johns")),
-    ]
+    every = {
+        "kill": lambda: kill.run(admin_dsn, workdir, messages=300 if quick else 1000, rate=100,
+                                 min_seconds=5 if quick else 15),
+        "pause": lambda: pause.run(admin_dsn, workdir, cycles=1 if quick else 3, per_cycle=400 if quick else 600),
+        "outage": lambda: outage.run(workdir, embedded=embedded, quick=quick),
+        "timezone": lambda: timezones.run(admin_dsn, workdir,
+                                          database_zones=("UTC",) if quick else ("UTC", "America/St_Johns")),
+    }
+    return [run for name, run in every.items() if not args.only or name in args.only]
 
 
 def run_all(runs: list[Callable[[], Outcome]]) -> list[Outcome]:

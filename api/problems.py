@@ -50,5 +50,5 @@ def problem_response(status: int, detail: str, *, code: str | None = None, error
                             "code": code or DEFAULT_CODES.get(status, "error")}
     if errors is not None:
         body["errors"] = errors
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type=PROBLEM_CONTENT_TYPE,
-                        headers=headers)
+    return web.Response(status=status, reason=title, body=json.dumps(body).encode(),
+                        content_type=PROBLEM_CONTENT_TYPE, headers=headers)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import loadavg, environment, render
+from bench.report import environment, loadavg, render
 from bench.runner import FULL, QUICK, Runner, setup_logging
 from bench.support import Children, ScratchDatabase, database_server, dump_json, signals_as_exit
 from common.settings import PROJECT_ROOT

@@ -25,9 +25,8 @@ from typing import Any, Callable
 
 from bench.baseline import BASELINE_DDL
 from bench.claimloop import QUEUE_DDL
-from bench.support import (PYTHON, Child, Children, ScratchDatabase, dump_json, execute, free_port,
-                           percentile, scalar, service_environ, wait_for_log, wait_http_ok, wait_until)
-
+from bench.support import (PYTHON, Child, Children, ScratchDatabase, dump_json, execute, free_port, percentile, scalar,
+                           service_environ, wait_for_log, wait_http_ok, wait_until)
 from common.settings import PROJECT_ROOT
 
 log = logging.getLogger("bench")

@@ -257,6 +257,12 @@ def accepted_checks(stage: Stage, outcome: Outcome, records: list[dict[str, Any]
         outcome.facts["outcome_unknown_answers_stored"] = f"{landed} of {len(unknown)}"
 
 
+def describe(doc: str | None) -> list[str]:
+    """A module docstring, minus its title line, as report paragraphs (one line each)."""
+    paragraphs = (doc or "").split("\n\n")[1:]
+    return [" ".join(p.split()) for p in paragraphs if p.strip()]
+
+
 def parse_time(value: str) -> dt.datetime:
     """An ISO 8601 timestamp from the API (``Z`` accepted)."""
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

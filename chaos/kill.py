@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.support import Child
-from chaos.harness import (HEADERS, LEASE_SECONDS, MIXED_BODIES, Outcome, Stage, accepted_checks,
+from chaos.harness import (HEADERS, LEASE_SECONDS, MIXED_BODIES, Outcome, Stage, accepted_checks, describe,
                            final_state_checks)
 
 STARTED = "dispatcher started"
@@ -65,6 +65,7 @@ def run(admin_dsn: str, workdir: Path, *, messages: int, rate: float, min_second
         replicas: int = 2, name: str = "kill") -> Outcome:
     """Kill and restart ``replicas`` dispatchers for at least ``min_seconds`` while ``messages`` are POSTed."""
     outcome = Outcome(name, f"kill -9 a dispatcher every few hundred ms ({messages} messages)")
+    outcome.notes += describe(__doc__)
     with Stage(admin_dsn, name, workdir) as stage:
         url = stage.api()[1]
         load = stage.load(name, base_url=url, method="POST", paths=["/api/v1/messages"], headers=HEADERS,

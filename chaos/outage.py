@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.support import http_status
-from chaos.harness import HEADERS, MIXED_BODIES, Outcome, Stage, accepted_checks, final_state_checks
+from chaos.harness import HEADERS, MIXED_BODIES, Outcome, Stage, accepted_checks, describe, final_state_checks
 from common.database import stop_embedded
 
 
@@ -144,6 +144,7 @@ def run(workdir: Path, *, embedded: bool, quick: bool) -> Outcome:
     """The outage scenario (skipped unless the database is the embedded one)."""
     plan = QUICK if quick else FULL
     outcome = Outcome("outage", f"PostgreSQL frozen {plan.frozen:g} s, then stopped {plan.stopped:g} s, under load")
+    outcome.notes += describe(__doc__)
     if not embedded:
         outcome.skipped = ("DATABASE_URL points at a server this run did not start and must not stop; unset it to "
                            "run against a private embedded PostgreSQL")
@@ -201,10 +202,6 @@ def _drive(stage: Stage, private: PrivateServer, plan: Timeline, outcome: Outcom
                           "restart_seconds": round(marks.get("up", 0) - marks.get("restart", 0), 2),
                           "dispatcher_outage_log_lines": sum(
                               d.log_text().count("database unavailable") for d in dispatchers)})
-    outcome.notes.append(
-        "The private server runs the embedded PostgreSQL binaries in a temporary folder; *frozen* = SIGSTOP to the "
-        "postmaster and each of its children (they lead process groups of their own), *stopped* = a fast "
-        "shutdown, then started again on the same socket.")
 
 
 def _phase_checks(outcome: Outcome, phase: str, times: tuple[float, float, float], records: list[dict[str, Any]],

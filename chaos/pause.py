@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.support import Child, wait_until
-from chaos.harness import LEASE_SECONDS, Outcome, Stage, final_state_checks, log_events
+from chaos.harness import LEASE_SECONDS, Outcome, Stage, describe, final_state_checks, log_events
 from common.store import ABANDONED_ERROR
 
 QUEUE_SQL = """
@@ -31,6 +31,7 @@ REJECTED_EVENTS = ("stale_write_rejected", "send_skipped_lease")
 def run(admin_dsn: str, workdir: Path, *, cycles: int, per_cycle: int) -> Outcome:
     """``cycles`` pause-and-resume cycles of ``per_cycle`` fresh messages each."""
     outcome = Outcome("pause", f"SIGSTOP a dispatcher past its lease, then SIGCONT ({cycles} cycle(s))")
+    outcome.notes += describe(__doc__)
     rng = random.Random(11)
     totals: dict[str, int] = {}
     with Stage(admin_dsn, "pause", workdir) as stage:
@@ -133,11 +134,15 @@ class Cycle:
         abandoned = {str(r[0]) for r in rows if r[3]}
         self.outcome.check(f"{self.label}: the victim's attempts were closed as abandoned by the rescuer",
                            set(self.held) <= abandoned, f"{len(set(self.held) & abandoned)}/{len(self.held)}")
+        # Messages the provider took from the paused victim (its record of that was then rejected):
+        taken = {str(e.get("message_id")) for e in log_events(self.victim, "provider_attempt") if e.get("ok")}
         self.facts.update({
             "held": len(self.held), "rejected_late_writes": len(rejected),
             "skipped_sends": sum(1 for e in events if e.get("event") == "send_skipped_lease"),
-            # The victim had called the provider for these (its write came back rejected), yet:
-            "stub_taken_by_provider_but_failed": sum(
-                1 for r in rows if str(r[0]) in rejected and r[1] == "stub" and r[2] == "failed"),
-            "file_sent_again_by_rescuer": sum(
-                1 for r in rows if str(r[0]) in rejected and r[1] == "file" and r[4] == 1)})
+            "sent_by_victim_before_the_pause": len(set(self.held) & taken),
+            "stub_sent_but_recorded_failed": sum(
+                1 for r in rows if str(r[0]) in taken and r[1] == "stub" and r[2] == "failed"),
+            "file_sent_twice": sum(1 for r in rows if str(r[0]) in taken and r[1] == "file" and r[4] == 1),
+            # ... and those it never handed over, whose one attempt (stub allows one) was used up all the same:
+            "stub_never_sent_but_failed": sum(
+                1 for r in rows if str(r[0]) not in taken and r[1] == "stub" and r[2] == "failed")})

@@ -45,6 +45,35 @@ def _fact(value: Any) -> str:
     return str(value)
 
 
+def observations(outcomes: list[Outcome]) -> list[str]:
+    """What the numbers show beyond pass/fail: the price of at-least-once, and leftovers."""
+    notes = []
+    for o in outcomes:
+        f = o.facts
+        if f.get("leftover_temp_files"):
+            notes.append(f"- {o.name}: {f['leftover_temp_files']} temporary file(s) (`.<hex>.tmp`) were left in "
+                         "SENT_SMS_DIR by dispatchers killed while writing; nothing removes them later.")
+        if f.get("duplicate_files"):
+            notes.append(f"- {o.name}: {f['duplicate_files']} message(s) were written to a file twice (a send whose "
+                         "outcome was lost with its dispatcher is repeated: at least once, as the README says).")
+        if f.get("stub_sent_but_recorded_failed"):
+            notes.append(f"- {o.name}: {f['stub_sent_but_recorded_failed']} stub message(s) were taken by the "
+                         "provider but end `failed`: the paused dispatcher's success was (rightly) rejected, and the "
+                         "only attempt stub allows had been used.")
+        if f.get("stub_never_sent_but_failed"):
+            notes.append(f"- {o.name}: {f['stub_never_sent_but_failed']} stub message(s) end `failed` although no "
+                         "provider ever saw them: the paused dispatcher had claimed them (and started the attempt) "
+                         "but then skipped the call or timed out, and that one attempt counted.")
+        by_status = f.get("by_status", {})
+        if o.name.startswith("kill") and by_status.get("stub/failed"):
+            notes.append(f"- {o.name}: {by_status['stub/failed']} stub message(s) failed because the one attempt "
+                         "stub allows was abandoned by a killed dispatcher.")
+        if f.get("outcome_unknown_answers_stored"):
+            notes.append(f"- {o.name}: `503 outcome_unknown` answers that were stored after all: "
+                         f"{f['outcome_unknown_answers_stored']}.")
+    return notes
+
+
 def render(outcomes: list[Outcome], mode: str, source: str, seconds: float) -> str:
     """The whole markdown report."""
     ok = all(o.ok for o in outcomes)
@@ -71,5 +100,8 @@ def render(outcomes: list[Outcome], mode: str, source: str, seconds: float) -> s
         if o.facts:
             out += ["", "| observed | value |", "| --- | --- |"]
             out += [f"| {k.replace('_', ' ')} | {_fact(v)} |" for k, v in o.facts.items()]
+    notes = observations(outcomes)
+    if notes:
+        out += ["", "## Observations (not invariant breaks)", ""] + notes
     out.append("")
     return "\n".join(out)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.support import http_json
-from chaos.harness import FILE_NAME, HEADERS, Outcome, Stage, parse_time
+from chaos.harness import FILE_NAME, HEADERS, Outcome, Stage, describe, parse_time
 
 TOKYO = "Asia/Tokyo"
 TIMESTAMP_FIELDS = ("created_at", "updated_at", "sent_at", "delivered_at")
@@ -23,6 +23,7 @@ SECOND = dt.timedelta(seconds=1)
 def run(admin_dsn: str, workdir: Path, *, database_zones: tuple[str, ...]) -> Outcome:
     """One pass per database time zone."""
     outcome = Outcome("timezone", f"TZ={TOKYO} for the API and the dispatcher")
+    outcome.notes += describe(__doc__)
     for zone in database_zones:
         with Stage(admin_dsn, "tz_" + zone.replace("/", "_").lower(), workdir) as stage:
             _pass(stage, zone, outcome)

@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-SOURCES := api common dispatcher tests
+SOURCES := api common dispatcher tests bench chaos
 
 .DEFAULT_GOAL := help
-.PHONY: help install run api dispatcher migrate db-stop test unit lint typecheck docstrings deploy-check fmt clean
+.PHONY: help install run api dispatcher migrate db-stop test unit lint typecheck docstrings deploy-check deploy-smoke \
+	bench chaos chaos-smoke fmt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,7 +38,7 @@ migrate: $(STAMP)  ## apply schema.sql (idempotent)
 db-stop:  ## stop the embedded PostgreSQL (it keeps running between runs for a quick start)
 	test ! -x $(BIN)/python || $(BIN)/python -m common stop-db
 
-test: lint unit  ## linters, type checks, docstring coverage and the whole suite with coverage
+test: lint unit chaos-smoke  ## linters, type checks, docstrings, the whole suite with coverage, a chaos smoke run
 
 unit: $(STAMP)  ## the test suite with coverage, no linters
 	$(BIN)/python -m pytest
@@ -51,6 +52,15 @@ typecheck: $(STAMP)
 
 docstrings: $(STAMP)
 	$(BIN)/interrogate -c setup.cfg $(SOURCES)
+
+bench: $(STAMP)  ## benchmarks side by side with bare baselines (~6 min): docs/benchmarks.md and .json
+	$(BIN)/python -m bench
+
+chaos: $(STAMP)  ## kill -9, SIGSTOP, PostgreSQL outage, time zones (~1.5 min): docs/chaos.md; fails on a broken invariant
+	$(BIN)/python -m chaos
+
+chaos-smoke: $(STAMP)  ## the kill -9 invariants on 200 messages (~10 s), part of make test
+	$(BIN)/python -m chaos --smoke
 
 deploy-check: $(STAMP)  ## docker/, docker-compose.yml and the CI pipelines against their schemas (no Docker needed)
 	VENV=$(VENV) bash docker/validate.sh

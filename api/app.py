@@ -37,11 +37,11 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the API for ``settings`` against the database at ``dsn``."""
-    # Outermost first: every answer gets its request id; metrics see the final status; errors become problems;
-    # excess load is shed before any work; the deadline bounds everything below it, authentication included.
+    # Outermost first: excess load is shed before any other work; every answer gets its request id; metrics see
+    # the final status; errors become problems; the deadline bounds everything below it, authentication included.
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, error_middleware, docs_static_middleware,
-                     overload_middleware, deadline_middleware, auth_middleware],
+        middlewares=[overload_middleware, request_id_middleware, metrics_middleware, error_middleware,
+                     docs_static_middleware, deadline_middleware, auth_middleware],
         client_max_size=settings.api.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -137,8 +137,11 @@ async def overload_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)  # service routes and docs neither count nor get shed
     state = request.app[LOAD]
     if state.in_flight >= request.app[SETTINGS].api.max_concurrency:
+        # The outermost middleware, and as cheap as an answer gets: under a flood, the work of refusing must not
+        # starve the requests that were let in.
         state.shed += 1
-        raise Problem(503, "The service is busy; try again shortly.", code="overloaded", headers={"Retry-After": "1"})
+        return problem_response(503, "The service is busy; try again shortly.", code="overloaded",
+                                headers={"Retry-After": "1", REQUEST_ID_HEADER: uuid.uuid4().hex})
     state.in_flight += 1
     try:
         return await handler(request)

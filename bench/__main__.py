@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--out PATH] [--keep-logs]``: run the benchmarks and write the report.
+"""``python -m bench [--quick] [--out PATH] [--keep-logs] [--from-json JSON]``: run the benchmarks, write the report.
 
 The full run takes about six minutes and writes ``docs/benchmarks.md`` and ``docs/benchmarks.json``; ``--quick``
 takes about a minute, prints the report and writes files only when ``--out`` names one.  The database is
@@ -8,6 +8,7 @@ database ``smsgate_bench_<pid>`` that it drops at the end, and it stops every pr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="report path (default: docs/benchmarks.md for a full run, none for --quick); "
                              "the raw numbers go next to it as .json")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs and the load specs")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="JSON",
+                        help="run nothing: render the report again from the raw numbers of an earlier run")
     return parser.parse_args(argv)
 
 
@@ -40,6 +43,10 @@ def main(argv: list[str]) -> int:
     """Run, report; 0 when every step ran, 1 when one failed."""
     args = parse_args(argv)
     setup_logging()
+    if args.from_json is not None:
+        report = render(json.loads(args.from_json.read_text(encoding="utf-8")))
+        (args.out or args.from_json.with_suffix(".md")).write_text(report, encoding="utf-8")
+        return 0
     plan = QUICK if args.quick else FULL
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     workdir = Path(tempfile.mkdtemp(prefix="smsgate-bench-"))

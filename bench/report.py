@@ -8,7 +8,7 @@ import subprocess
 from importlib import metadata
 from typing import Any, Iterable
 
-from bench.support import postgres_version
+from bench.support import postgres_version, scalar
 from common.settings import PROJECT_ROOT
 
 COMMANDS = """\
@@ -81,6 +81,7 @@ def environment(dsn: str, source: str) -> dict[str, Any]:
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "nproc": nproc or os.cpu_count(),
             "cpu": cpu_model, "memory_gib": round(mem_kb / 1024 / 1024, 1), "kernel": platform.release(),
             "python": platform.python_version(), "postgresql": postgres_version(dsn), "database": source,
+            "max_connections": int(scalar(dsn, "SHOW max_connections")),
             "packages": versions, "git_commit": commit, "loadavg_before": loadavg()}
 
 
@@ -255,6 +256,13 @@ def findings(results: dict[str, Any]) -> list[str]:
         scale = ", ".join(f"{r['replicas']}: {r['rate']:.0f}" for r in ours)
         notes.append(f"- Dispatcher msg/s by replicas ({scale}): on {results['environment']['nproc']} cores the "
                      "replicas share the CPU with PostgreSQL, so more replicas add little once the cores are busy.")
+    most = max(ours, key=lambda r: r["peak_connections"], default=None)
+    limit = results["environment"].get("max_connections")
+    if most is not None and limit:
+        notes.append(f"- {most['replicas']} dispatcher replicas held up to {most['peak_connections']} connections to "
+                     f"the database (each pools up to min(max_in_flight, 20) + 2 and LISTENs on one more), "
+                     f"{most['peak_connections'] / limit:.0%} of this server's max_connections ({limit}): a fifth "
+                     "replica, or the API next to four, would run into it.")
     if any(r.get("error_log_lines") for r in ours):
         notes.append("- Dispatcher error log lines: " + ", ".join(
             f"{r['replicas']} replicas: {r['error_log_lines']}" for r in ours if r.get("error_log_lines")) + ".")

@@ -260,7 +260,7 @@ def accepted_checks(stage: Stage, outcome: Outcome, records: list[dict[str, Any]
 def describe(doc: str | None) -> list[str]:
     """A module docstring, minus its title line, as report paragraphs (one line each)."""
     paragraphs = (doc or "").split("\n\n")[1:]
-    return [" ".join(p.split()) for p in paragraphs if p.strip()]
+    return [" ".join(p.split()).replace("``", "`") for p in paragraphs if p.strip()]
 
 
 def parse_time(value: str) -> dt.datetime:

@@ -62,8 +62,13 @@ class Killer:
 
 
 def run(admin_dsn: str, workdir: Path, *, messages: int, rate: float, min_seconds: float,
-        replicas: int = 2, name: str = "kill") -> Outcome:
-    """Kill and restart ``replicas`` dispatchers for at least ``min_seconds`` while ``messages`` are POSTed."""
+        replicas: int = 2, name: str = "kill", strict: bool = True) -> Outcome:
+    """Kill and restart ``replicas`` dispatchers for at least ``min_seconds`` while ``messages`` are POSTed.
+
+    Not ``strict`` (the smoke run inside ``make test``): only the final-state invariants are checks; whether every
+    POST came within 1 s and whether a kill hit a dispatcher holding work (both at the mercy of a busy machine,
+    and of chance on a short run) are reported as facts.
+    """
     outcome = Outcome(name, f"kill -9 a dispatcher every few hundred ms ({messages} messages)")
     outcome.notes += describe(__doc__)
     with Stage(admin_dsn, name, workdir) as stage:
@@ -72,16 +77,16 @@ def run(admin_dsn: str, workdir: Path, *, messages: int, rate: float, min_second
                           bodies=MIXED_BODIES, rate=rate, count=messages, duration=messages / rate + 2,
                           concurrency=64, timeout=5.0)
         killer = Killer(stage, replicas)
-        seconds = killer.run(load.done, min_seconds, bound=min_seconds + messages / rate + 30)
-        outcome.facts.update({"kill_seconds": round(seconds, 1), "kills": killer.kills,
+        outcome.facts["kill_seconds"] = round(killer.run(load.done, min_seconds, min_seconds + messages / rate + 30), 1)
+        outcome.facts.update({"kills": killer.kills,
                               "victims_that_logged_their_start": killer.started})
         summary, records = load.result()
-        _recover_and_check(stage, outcome, summary, records)
+        _recover_and_check(stage, outcome, summary, records, strict)
     return outcome
 
 
-def _recover_and_check(stage: Stage, outcome: Outcome, summary: dict[str, Any],
-                       records: list[dict[str, Any]]) -> None:
+def _recover_and_check(stage: Stage, outcome: Outcome, summary: dict[str, Any], records: list[dict[str, Any]],
+                       strict: bool) -> None:
     """Let one healthy dispatcher finish everything, then check the final state."""
     in_flight = stage.rows("SELECT (SELECT count(*) FROM messages WHERE send_status = 'sending'), "
                            "(SELECT count(*) FROM attempts WHERE finished_at IS NULL)")[0]
@@ -91,15 +96,20 @@ def _recover_and_check(stage: Stage, outcome: Outcome, summary: dict[str, Any],
     outcome.facts.update({"posts": summary["requests"], "post_outcomes": summary["outcomes"],
                           "sending_after_last_kill": in_flight[0], "open_attempts_after_last_kill": in_flight[1]})
     refused = {k: v for k, v in summary["outcomes"].items() if k != "201"}
-    outcome.check("every POST answered (201, or 503 within 1 s) while dispatchers died",
-                  set(summary["outcomes"]) <= {"201", "503:database_unavailable", "503:deadline_exceeded",
-                                               "503:overloaded"} and summary["over_1s"] == 0,
+    outcome.check("every POST answered 201 or 503 while dispatchers died",
+                  all(k == "201" or k.startswith("503:") for k in summary["outcomes"]),
                   f"{summary['outcomes'].get('201', 0)} × 201" + (f", refused: {refused}" if refused else ""))
+    slowest = f"slowest {summary['latency_ms']['max']:.0f} ms"
+    if strict:
+        outcome.check("every POST answered within 1 s", summary["over_1s"] == 0, slowest)
+    else:
+        outcome.facts["slowest_post"] = slowest
     outcome.check("one healthy dispatcher finishes everything", finished,
                   f"{stage.unfinished()} message(s) still unfinished" if not finished else "")
     outcome.check("the healthy dispatcher stops cleanly on SIGTERM (exit 0)", code == 0, f"exit {code}")
     accepted_checks(stage, outcome, records)
     final_state_checks(stage, outcome)
-    outcome.check("the kills hit dispatchers holding work (some attempts were abandoned)",
-                  outcome.facts["abandoned_attempts"] > 0 or in_flight[0] > 0,
-                  f"{outcome.facts['abandoned_attempts']} abandoned attempt(s)")
+    if strict:
+        outcome.check("the kills hit dispatchers holding work (some attempts were abandoned)",
+                      outcome.facts["abandoned_attempts"] > 0 or in_flight[0] > 0,
+                      f"{outcome.facts['abandoned_attempts']} abandoned attempt(s)")

@@ -274,6 +274,22 @@ REQUEUE = Query(
             + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.bindparam("window", type_=sa.Float))),
     "requeue")
 
+# An attempt recorded as started but never made (the dispatcher found its lease too short to call the provider):
+# remove it and hand the message back, so that it does not count against the provider's attempts.
+_unsent = (sa.update(messages)
+           .where(m.id == sa.bindparam("id"), m.claim_token == sa.bindparam("token"))
+           .values(send_status=SendStatus.QUEUED.value, claim_token=None, attempt_count=m.attempt_count - 1,
+                   due_at=sa.func.now(), updated_at=sa.func.now())
+           .returning(m.id)
+           .cte("unsent"))
+RELEASE_UNSENT = Query(
+    sa.delete(attempts)
+    .where(a.message_id == _unsent.c.id, a.number == sa.bindparam("number", type_=sa.Integer),
+           a.finished_at.is_(None))
+    .returning(a.message_id)
+    .add_cte(_unsent),
+    "release_unsent")
+
 _finished_message = (
     sa.update(messages)
     .where(m.id == sa.bindparam("id"), m.claim_token == sa.bindparam("token"))
@@ -367,6 +383,11 @@ async def finish_send(conn: aiopg.Connection, *, message_id: uuid.UUID, token: u
                           send_status=outcome.send_status.value, delivery_status=outcome.delivery_status.value,
                           due_in=_delta(outcome.due_in), exhaust=outcome.exhaust)
     return row is not None
+
+
+async def release_unsent(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID, number: int) -> bool:
+    """Undo attempt ``number``, never made, and requeue the message, while ``token`` still holds it."""
+    return await fetch_one(conn, RELEASE_UNSENT, id=message_id, token=token, number=number) is not None
 
 
 async def finish_delivery_check(conn: aiopg.Connection, *, message_id: uuid.UUID, token: uuid.UUID,

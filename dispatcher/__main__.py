@@ -21,7 +21,9 @@ async def serve(settings: Settings) -> None:
     dsn = resolve_dsn(settings)
     providers = build_providers(settings)
     cfg = settings.dispatcher
-    pool = await create_pool(dsn, size=min(cfg.max_in_flight, 20) + 2, statement_timeout=cfg.statement_timeout,
+    # Connections are held only for single statements and short transactions: a few serve many sends in flight
+    # (and keep several replicas within a server's max_connections).
+    pool = await create_pool(dsn, size=min(cfg.max_in_flight, 8) + 2, statement_timeout=cfg.statement_timeout,
                              idle_in_transaction_timeout=claim_transaction_limit(cfg.lease_seconds))
     try:
         dispatcher = Dispatcher(settings, pool, providers, dsn)

@@ -221,8 +221,10 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
         provider = self.providers.get(started.provider)
         timeout = provider.settings.timeout if provider is not None else 0.0
         if time.monotonic() + timeout > lease_end:
-            log.warning("lease too short to send; left for reclaiming", extra={
+            log.warning("lease too short to send; handed back unsent", extra={
                 "event": "send_skipped_lease", "message_id": str(item.id), "attempt": started.number})
+            # If the claim is gone too, the lease has run out and the reclaim closes the attempt instead.
+            await self._write(store.release_unsent, message_id=item.id, token=token, number=started.number)
             return
         sms = Sms(message_id=item.id, phone=item.phone, text=item.text, attempt=started.number,
                   started_at=started.started_at)

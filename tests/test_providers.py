@@ -170,6 +170,16 @@ async def test_a_slow_disk_never_yields_a_file_for_a_failed_attempt(tmp_path: Pa
     assert not list(tmp_path.iterdir())
 
 
+def test_stale_temporaries_are_cleaned_up(tmp_path: Path) -> None:
+    """Temporary files left by a killed writer are removed when the provider starts; fresh ones are not."""
+    stale, fresh = tmp_path / ".aaaa.tmp", tmp_path / ".bbbb.tmp"
+    stale.write_text("half")
+    fresh.write_text("being written")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    file_provider(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bbbb.tmp"]
+
+
 def test_file_work_is_atomic_on_disk(tmp_path: Path) -> None:
     """The file appears under its final name only complete: it is written elsewhere and linked."""
     seen: list[bytes] = []

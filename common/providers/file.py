@@ -21,6 +21,7 @@ from common.providers import register
 from common.providers.base import DeliveryReport, Provider, ProviderError, ProviderTimeout, SendReceipt, Sms
 
 MAX_NAME_TRIES = 10_000  # more same-microsecond sends to one number than this is not a burst but a bug
+STALE_TEMPORARY = 3600.0  # seconds after which a temporary file is surely abandoned
 LINK_MARGIN = 0.05  # seconds before the provider timeout after which no file takes its final name
 
 
@@ -40,6 +41,7 @@ class FileProvider(Provider):
         rest = dict(options)
         self.delivery_delay = self.seconds_option(rest.pop("delivery_delay", self.delivery_delay), "delivery_delay")
         super().configure(rest)
+        remove_stale_temporaries(self.context.sent_sms_dir)
 
     async def _send(self, sms: Sms) -> SendReceipt:
         """Write the file, or refuse an odd number.
@@ -72,6 +74,24 @@ class FileProvider(Provider):
         if now >= delivered_at:
             return DeliveryReport(DeliveryStatus.DELIVERED, delivered_at=delivered_at)
         return DeliveryReport(DeliveryStatus.PENDING, check_again_after=(delivered_at - now).total_seconds())
+
+
+def remove_stale_temporaries(folder: Path, older_than: float = STALE_TEMPORARY) -> int:
+    """Remove temporary files a killed process left half-written (they never got a final name); their count."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        candidates = list(folder.glob(".*.tmp"))
+    except OSError:
+        return 0
+    for path in candidates:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            pass  # another process removed or is writing it
+    return removed
 
 
 def write_exclusive(folder: Path, when: dt.datetime, phone: str, text: str, deadline: float | None = None) -> Path:

@@ -10,11 +10,12 @@ from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec
 
 from api.auth import Authenticator
-from api.keys import AUTHENTICATOR, DSN, LOAD, METRICS, POOL, PROVIDERS, SETTINGS
+from api.keys import AUTHENTICATOR, CREATE_SCHEMA, DSN, LOAD, METRICS, POOL, PROVIDERS, SETTINGS
 from api.metrics import HttpMetrics, LoadState
 from api.openapi import finish_document, reset_view_docs
 from api.middlewares import (auth_middleware, deadline_middleware, docs_static_middleware, error_middleware,
                              metrics_middleware, overload_middleware, request_id_middleware, validation_problem)
+from api.schemas import MessageCreateSchema
 from api.views import VIEWS
 from common.database import create_pool, quiet_statement_timeouts
 from common.providers import build_providers
@@ -46,7 +47,8 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
-    app[PROVIDERS] = build_providers(settings)
+    providers = app[PROVIDERS] = build_providers(settings)
+    app[CREATE_SCHEMA] = MessageCreateSchema(context={"providers": list(providers)})
     app[AUTHENTICATOR] = Authenticator(settings.auth)
     app[METRICS] = HttpMetrics()
     app[LOAD] = LoadState()

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from api.auth import Authenticator
 from api.metrics import HttpMetrics, LoadState
+from api.schemas import MessageCreateSchema
 from common.providers import Provider
 from common.settings import Settings
 
@@ -16,6 +17,7 @@ PROVIDERS = web.AppKey("providers", dict[str, Provider])
 METRICS = web.AppKey("metrics", HttpMetrics)
 LOAD = web.AppKey("load", LoadState)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+CREATE_SCHEMA = web.AppKey("create_schema", MessageCreateSchema)  # built once: a schema costs more to make than to use
 USERNAME = web.RequestKey("username", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 DEADLINE = web.RequestKey("deadline", float)       # loop time by which the answer must be under way

@@ -13,7 +13,7 @@ import aiopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from api.keys import COMMITTING, DEADLINE, METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
+from api.keys import COMMITTING, CREATE_SCHEMA, DEADLINE, METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
 from api.metrics import CONTENT_TYPE_LATEST
 from api.openapi import docs, querystring_schema, request_schema
 from api.problems import Problem
@@ -183,8 +183,7 @@ class MessagesView(ReadView):
         """
         key = idempotency_key(self.request)
         data = await read_json_object(self.request)
-        names: list[str] = list(self.request.app[PROVIDERS].keys())
-        fields = MessageCreateSchema(context={"providers": names}).load(data)
+        fields = self.request.app[CREATE_SCHEMA].load(data)
         check_region(self.request.app[SETTINGS], fields["phone"], fields["provider"])
         username = self.request[USERNAME]
         async with write_transaction(self.request) as conn:

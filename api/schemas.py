@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from common.domain import TEXT_MAX_LENGTH, TEXT_PATTERN, DeliveryStatus, SendStatus
-from common.phones import InvalidPhone, normalize_phone
+from common.phones import InvalidPhone, PhoneNumber, parse_phone
 
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
@@ -33,13 +33,14 @@ class AsciiInteger(fields.Integer):
 
 
 class Phone(fields.String):
-    """A phone number in, E.164 out (see :func:`common.phones.normalize_phone`)."""
+    """A phone number in; a :class:`common.phones.PhoneNumber` (E.164 and region) out."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> str:
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: Any) -> PhoneNumber:
         """Normalise, or fail with the reason."""
         text = super()._deserialize(value, attr, data, **kwargs)
         try:
-            return normalize_phone(text)
+            return parse_phone(text)
         except InvalidPhone as exc:
             raise ValidationError(str(exc)) from exc
 

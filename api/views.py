@@ -23,13 +23,15 @@ from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageLis
 from common import store
 from common.database import DatabaseUnavailable, connection, ping, transaction
 from common.metrics import cluster_registry
-from common.phones import region_of
+from common.phones import PhoneNumber
 from common.settings import Settings
 
 MESSAGE_SCHEMA = MessageSchema()
 LIST_SCHEMA = MessageListSchema()
 PROVIDER_LIST_SCHEMA = ProviderListSchema()
 PROVIDER_STATS_SCHEMA = ProviderStatsSchema()
+LIST_QUERY_SCHEMA = MessageListQuerySchema()  # schemas are built once: making one costs more than using it
+STATS_QUERY_SCHEMA = ProviderStatsQuerySchema()
 CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 JSON_TYPES = ("application/json",)
 CLUSTER_UP = (b"# HELP smsgate_cluster_metrics_up 1 when the cluster metrics above could be read from PostgreSQL.\n"
@@ -113,9 +115,9 @@ def write_transaction(request: web.Request) -> AbstractAsyncContextManager[aiopg
     return transaction(request.app[POOL], statement_timeout=time_left, before_commit=committing)
 
 
-def check_region(settings: Settings, phone: str, provider: str | None) -> None:
+def check_region(settings: Settings, phone: PhoneNumber, provider: str | None) -> None:
     """422 when the named provider does not serve the number's country, or when no enabled provider does."""
-    region = region_of(phone)
+    region = phone.region
     where = region or "non-geographic"
     if provider is not None:
         named = settings.provider(provider)
@@ -141,7 +143,8 @@ def idempotency_key(request: web.Request) -> str | None:
 
 def request_hash(fields: dict[str, Any]) -> str:
     """A digest of the normalised request: the same message written differently hashes the same."""
-    canonical = json.dumps({name: fields[name] for name in ("phone", "text", "provider")}, sort_keys=True)
+    canonical = json.dumps({"phone": fields["phone"].e164, "text": fields["text"], "provider": fields["provider"]},
+                           sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -188,12 +191,12 @@ class MessagesView(ReadView):
         username = self.request[USERNAME]
         async with write_transaction(self.request) as conn:
             if key is None:
-                row = await store.insert_message(conn, username=username, phone=fields["phone"],
+                row = await store.insert_message(conn, username=username, phone=fields["phone"].e164,
                                                  text=fields["text"], requested_provider=fields["provider"])
                 created = True
             else:
                 result = await store.insert_message_with_key(
-                    conn, username=username, key=key, request_hash=request_hash(fields), phone=fields["phone"],
+                    conn, username=username, key=key, request_hash=request_hash(fields), phone=fields["phone"].e164,
                     text=fields["text"], requested_provider=fields["provider"])
                 if not result.same_request:
                     raise Problem(422, "This Idempotency-Key was used for a different request in the last 24 h.",
@@ -209,12 +212,13 @@ class MessagesView(ReadView):
     @querystring_schema(MessageListQuerySchema)
     async def get(self) -> web.Response:
         """A page of the caller's messages, optionally filtered, with a cursor for the next page."""
-        query = MessageListQuerySchema().load(query_params(self.request))
+        query = LIST_QUERY_SCHEMA.load(query_params(self.request))
         limit = query["limit"]
         async with connection(self.request.app[POOL]) as conn:
             rows = await store.list_messages(conn, username=self.request[USERNAME], limit=limit + 1,
                                              before=query["cursor"], send_status=query["send_status"],
-                                             delivery_status=query["delivery_status"], phone=query["phone"])
+                                             delivery_status=query["delivery_status"],
+                                             phone=query["phone"].e164 if query["phone"] else None)
         page, more = rows[:limit], len(rows) > limit
         cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
         return json_response({"items": [message_body(r) for r in page], "next_cursor": cursor})
@@ -286,7 +290,7 @@ class ProviderStatsView(ReadView):
         name = self.request.match_info["name"]
         if app[SETTINGS].provider(name) is None:
             raise Problem(404, "No such provider.", code="provider_not_found")
-        query = ProviderStatsQuerySchema().load(query_params(self.request))
+        query = STATS_QUERY_SCHEMA.load(query_params(self.request))
         async with connection(app[POOL]) as conn:
             rows = await store.stats_history(conn, provider=name, minutes=query["minutes"])
         return json_response(PROVIDER_STATS_SCHEMA.dump(

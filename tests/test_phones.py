@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.phones import InvalidPhone, normalize_phone, region_of
+from common.phones import InvalidPhone, PhoneNumber, normalize_phone, parse_phone, region_of
 
 
 @pytest.mark.parametrize(("raw", "e164"), [
@@ -30,3 +30,10 @@ def test_region() -> None:
     assert region_of("+79991234568") == "RU"
     assert region_of("+442079460958") == "GB"
     assert region_of("+80012345678") is None
+
+
+def test_one_parse_gives_both() -> None:
+    """The API's single parse yields the same E.164 form and region as the separate calls."""
+    assert parse_phone(" +7 (999) 123-45-68") == PhoneNumber("+79991234568", "RU")
+    assert parse_phone("+1 (202) 555-0143") == PhoneNumber("+12025550143", "US")
+    assert parse_phone("+800 1234 5678") == PhoneNumber("+80012345678", None)

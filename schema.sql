@@ -103,8 +103,9 @@ CREATE TABLE IF NOT EXISTS cluster_jobs (
     CONSTRAINT cluster_jobs_order CHECK (done_until >= first_window)
 );
 
--- The stability rating of each provider in each window: delivered / attempts that ended in the window (a
--- successful send counts as delivered for providers that cannot report delivery); NULL when none ended.
+-- The stability rating of each provider in each window: of the attempts that ended in the window, the share
+-- delivered (a send whose report is still to come counts, as does any successful send of a provider that
+-- cannot report delivery); NULL when none ended.  See compute_windows in common/store.py.
 ALTER TABLE provider_window_stats ADD COLUMN IF NOT EXISTS rating double precision;
 CREATE INDEX IF NOT EXISTS provider_window_stats_latest_idx ON provider_window_stats (provider, window_start DESC);
 

@@ -187,8 +187,9 @@ class ProviderSchema(Schema):
     rate_limit_used = fields.Integer(required=True, metadata={"description": "slots taken in the current window"})
     window_seconds = fields.Float(required=True, metadata={"description": "the length of a window (60 in production)"})
     current_window = fields.Nested(WindowCountsSchema, required=True)
-    rating = fields.Float(allow_none=True, required=True,
-                          metadata={"description": "latest stability rating, delivered / attempts; null: no data"})
+    rating = fields.Float(allow_none=True, required=True, metadata={
+        "description": "latest stability rating: the share of the attempts ended in the window that were delivered "
+                       "(or sent, delivery still to come); null: no data"})
     rated_at = fields.AwareDateTime(allow_none=True, required=True,
                                     metadata={"description": "when the latest rating was computed"})
     circuit = fields.String(required=True, validate=validate.OneOf(["closed", "open"]), metadata={

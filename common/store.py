@@ -442,26 +442,31 @@ JOB_RANGE = Query(
         sa.select(j.first_window).where(j.name == sa.bindparam("name")).scalar_subquery().label("first_window")),
     "job_range")
 
+# One row per event: an attempt started (attempts), an attempt ended (sent or failed; "rated" when it counts as a
+# success in the rating), a message delivered (delivered).  Each event falls in the window of its own time.
 _events = sa.union_all(
     sa.select(_window(a.started_at).label("w"), a.provider.label("provider"), sa.literal(1).label("attempts"),
-              sa.literal(0).label("sent"), sa.literal(0).label("failed"), sa.literal(0).label("delivered"))
+              sa.literal(0).label("sent"), sa.literal(0).label("failed"), sa.literal(0).label("delivered"),
+              sa.literal(0).label("rated"))
     .where(_between(a.started_at)),
     sa.select(_window(a.finished_at), a.provider, sa.literal(0), sa.cast(a.result == "ok", sa.Integer),
-              sa.cast(a.result == "error", sa.Integer), sa.literal(0))
+              sa.cast(a.result == "error", sa.Integer), sa.literal(0),
+              sa.cast(sa.and_(a.result == "ok", m.delivery_status != DeliveryStatus.UNDELIVERED.value), sa.Integer))
+    .select_from(attempts.join(messages, m.id == a.message_id))
     .where(_between(a.finished_at)),
     sa.select(_window(m.updated_at), sa.func.coalesce(m.provider, ""), sa.literal(0), sa.literal(0), sa.literal(0),
-              sa.literal(1))
+              sa.literal(1), sa.literal(0))
     .where(m.delivery_status == DeliveryStatus.DELIVERED.value, _between(m.updated_at)),
 ).subquery("events")
-# The rating: delivered / attempts, where a provider that cannot report delivery counts a successful send as
-# delivered.  "Attempts" are those that ended in the window (ok or error), so an attempt started just before a
-# window's end is not counted as a failure of that window; capped at 1 (deliveries of earlier windows' sends).
-_delivered_or_sent = sa.func.sum(_events.c.delivered) + sa.case(
-    (_events.c.provider == sa.any_(sa.bindparam("no_reports", type_=ARRAY(sa.Text))), sa.func.sum(_events.c.sent)),
-    else_=0)
+# The rating: of the attempts that ended in the window, the share that were accepted and then delivered, where a
+# send whose report has not come in yet counts as delivered (unless a report already said otherwise), and so
+# does every successful send of a provider that cannot report delivery (its messages are "unsupported").
+# Deliveries are not taken from the window's own "delivered" count: they arrive later (the file provider's
+# 10 s after sending), in a later window, and would rate a provider that works at 0 in the window it sent in:
+# it would then get no chosen traffic, and so never a new rating.  A window in which no attempt ended is not rated.
 _ended = sa.func.sum(_events.c.sent) + sa.func.sum(_events.c.failed)
-# (LEAST ignores NULLs, so the "no attempt ended" case must be its own branch, not a division by NULL.)
-_rating = sa.case((_ended > 0, sa.func.least(1.0, sa.cast(_delivered_or_sent, sa.Float) / _ended)), else_=None)
+# (A "no attempt ended" window must be its own branch, not a division by zero.)
+_rating = sa.case((_ended > 0, sa.cast(sa.func.sum(_events.c.rated), sa.Float) / _ended), else_=None)
 _window_rows = (
     pg_insert(provider_window_stats)
     .from_select(["window_start", "provider", "attempts", "sent", "failed", "delivered", "rating"],
@@ -626,8 +631,8 @@ class WindowRun:
     first_window: dt.datetime
 
 
-async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float, max_windows: int,
-                          without_reports: Sequence[str] = ()) -> WindowRun | None:
+async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float,
+                          max_windows: int) -> WindowRun | None:
     """Compute every closed window not computed yet, if this replica holds the cluster's job lock.
 
     Runs inside the caller's transaction: the advisory lock, the new rows, the totals and the progress mark
@@ -642,7 +647,7 @@ async def compute_windows(conn: aiopg.Connection, *, window: float, grace: float
     until = min(until, start + dt.timedelta(seconds=window * max_windows))
     if until <= start:
         return None
-    await fetch_all(conn, COMPUTE_WINDOWS, window=window, start=start, until=until, no_reports=list(without_reports))
+    await fetch_all(conn, COMPUTE_WINDOWS, window=window, start=start, until=until)
     await fetch_all(conn, SAVE_JOB_PROGRESS, name=STATS_JOB, start=start, until=until)
     return WindowRun(start, until, span["first_window"] or start)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from typing import Sequence
 from urllib.parse import urlsplit
 
 import aiopg
@@ -32,12 +31,10 @@ NOTIFY_LEASE = 60.0          # seconds a replica has to send a notification befo
 class ClusterJobs:
     """Statistics windows, outage alerts and metric pushes for the cluster; run by every dispatcher."""
 
-    def __init__(self, settings: Settings, pool: aiopg.Pool, without_reports: Sequence[str] = ()) -> None:
-        """Work through ``pool``; ``without_reports`` names the providers that cannot report delivery (for them a
-        successful send counts as delivered in the rating)."""
+    def __init__(self, settings: Settings, pool: aiopg.Pool) -> None:
+        """Work through ``pool``."""
         self.settings = settings
         self.pool = pool
-        self.without_reports = list(without_reports)
         self.window = settings.metrics.window_seconds
         # A window is computed once it has been closed this long: writes stamped inside it have landed by then.
         self.grace = min(5.0, self.window / 2)
@@ -66,7 +63,7 @@ class ClusterJobs:
         """Compute closed windows and alerts if no other replica is; then send pending notifications."""
         async with transaction(self.pool) as conn:
             run = await store.compute_windows(conn, window=self.window, grace=self.grace,
-                                              max_windows=MAX_WINDOWS_PER_RUN, without_reports=self.without_reports)
+                                              max_windows=MAX_WINDOWS_PER_RUN)
             if run is not None:
                 await self._evaluate_alerts(conn, run)
                 await store.prune_idempotency_keys(conn)

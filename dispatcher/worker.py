@@ -98,8 +98,7 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
     async def run(self) -> None:
         """Dispatch until :meth:`stop`; then wait (up to ``shutdown_grace``) for the sends in flight."""
         listener = asyncio.create_task(self._listen(), name="smsgate-listen")
-        without_reports = [name for name, p in self.providers.items() if not p.supports_delivery_reports]
-        jobs = asyncio.create_task(ClusterJobs(self.settings, self.pool, without_reports).run(self._stopping),
+        jobs = asyncio.create_task(ClusterJobs(self.settings, self.pool).run(self._stopping),
                                    name="smsgate-jobs")
         log.info("dispatcher started", extra={"event": "dispatcher_started", "providers": self.enabled})
         try:

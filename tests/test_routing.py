@@ -150,6 +150,26 @@ async def test_ratings_are_computed_per_window(pool: aiopg.Pool, dispatchers: Di
     assert {r["rating"] for r in ratings if r["provider"] == "file"} == {0.0}, ratings
 
 
+async def test_a_delivery_after_the_window_still_rates_the_send(pool: aiopg.Pool, dispatchers: Dispatchers,
+                                                                tmp_path: Path) -> None:
+    """A provider whose deliveries arrive windows after its sends (file: delivery_delay) is rated by what became
+    of the attempts that ended in each window, not by the deliveries that happened to land in it: 1.0, never 0."""
+    settings = make_settings(tmp_path, metrics={"window_seconds": 0.3}, providers={"file": {"delivery_delay": 1.0}})
+    await insert(pool, 5, "+79991234568", "file")
+    await dispatchers.start(settings, count=2)
+
+    async def delivered_and_rated() -> bool:
+        done = await rows(pool, "SELECT done_until > (SELECT max(delivered_at) FROM messages) AS ok FROM cluster_jobs "
+                                "WHERE (SELECT count(*) FROM messages WHERE delivery_status = 'delivered') = 5")
+        return bool(done and done[0]["ok"])
+    await wait_until(delivered_and_rated, within=8)
+    windows = await rows(pool, "SELECT * FROM provider_window_stats WHERE provider = 'file' ORDER BY window_start")
+    sending = [w for w in windows if w["sent"] > 0]
+    assert sending and all(w["delivered"] == 0 and w["rating"] == 1.0 for w in sending), windows
+    delivering = [w for w in windows if w["delivered"] > 0]
+    assert sum(w["delivered"] for w in delivering) == 5 and all(w["rating"] is None for w in delivering), windows
+
+
 async def test_region_rules_on_post(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:
     """A named provider that does not serve the number's country: 422 provider_region_mismatch; no provider
     serving it: 422 no_provider_for_region."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from api.problems import problem_response
+from common.signals import handle_stop_signals
 
 log = logging.getLogger("smsgate.api")
 
@@ -72,10 +72,9 @@ async def serve(app: web.Application, host: str, port: int, **runner_args: Any) 
         await web.TCPSite(runner, host, port, shutdown_timeout=5).start()
         log.info("api listening on http://%s:%s", host, port, extra={"event": "api_started"})
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        handle_stop_signals(asyncio.get_running_loop(), stop.set)
         await stop.wait()
         log.info("api stopping", extra={"event": "api_stopping"})
     finally:
         await runner.cleanup()
+    log.info("api stopped", extra={"event": "api_stopped"})

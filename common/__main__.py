@@ -16,7 +16,9 @@ import time
 from types import FrameType
 
 from common.database import apply_schema, resolve_dsn, stop_embedded
+from common.providers import ProviderConfigError, build_providers
 from common.settings import SettingsError, load_settings
+from common.signals import SUPERVISED, die_with_parent
 
 USAGE = "usage: python -m common dsn|migrate|run|stop-db"
 CHILDREN = ("api", "dispatcher")
@@ -33,8 +35,10 @@ def main(argv: list[str]) -> int:
             stopped = stop_embedded(settings.data_dir / "postgres")
             print(f"smsgate: embedded PostgreSQL {'stopped' if stopped else 'was not running'}", file=sys.stderr)
             return 0
+        if argv[0] == "run":
+            build_providers(settings)  # what the children would refuse, refused here, before anything starts
         dsn = resolve_dsn(settings)
-    except SettingsError as exc:
+    except (SettingsError, ProviderConfigError) as exc:
         print(f"smsgate: {exc}", file=sys.stderr)
         return 2
     if argv[0] == "dsn":
@@ -49,26 +53,32 @@ def main(argv: list[str]) -> int:
 
 def supervise(dsn: str) -> int:
     """Run the API and a dispatcher against ``dsn``; stop both when either ends or a signal arrives."""
-    env = dict(os.environ, DATABASE_URL=dsn)
-    # pylint: disable-next=consider-using-with  # they live until the end of this function, waited for below
-    procs = [subprocess.Popen([sys.executable, "-m", name], env=env) for name in CHILDREN]
+    env = dict(os.environ, DATABASE_URL=dsn, **{SUPERVISED: "1"})
+    # They live until the end of this function (waited for below); this process has one thread, so preexec_fn is safe.
+    # pylint: disable-next=consider-using-with,subprocess-popen-preexec-fn
+    procs = [subprocess.Popen([sys.executable, "-m", name], env=env, preexec_fn=die_with_parent) for name in CHILDREN]
     stopping = False
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
+    def forward(_signum: int, _frame: FrameType | None) -> None:
+        # One SIGTERM each, whatever came and however often (the children ignore the terminal's SIGINT): a
+        # second signal would only race with their clean exit.
         nonlocal stopping
+        if stopping:
+            return
         stopping = True
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signum)
+                proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     print(f"smsgate: running {', '.join(CHILDREN)}; Ctrl-C stops both", file=sys.stderr)
     while all(p.poll() is None for p in procs) and not stopping:
         time.sleep(0.2)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
+    if not stopping:  # a child ended by itself: stop the other
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
     codes = []
     for proc in procs:
         try:

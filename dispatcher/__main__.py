@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from common.database import create_pool, quiet_statement_timeouts, resolve_dsn
 from common.logs import setup_logging
 from common.providers import ProviderConfigError, build_providers
 from common.settings import Settings, SettingsError, load_settings
+from common.signals import handle_stop_signals
 from dispatcher.health import start_health_server
 from dispatcher.worker import Dispatcher, claim_transaction_limit
 
@@ -29,8 +29,7 @@ async def serve(settings: Settings) -> None:
         dispatcher = Dispatcher(settings, pool, providers, dsn)
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(quiet_statement_timeouts)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, dispatcher.stop)
+        handle_stop_signals(loop, dispatcher.stop)
         health = None
         if cfg.health_port is not None:
             health = await start_health_server(dispatcher, settings.api.host, cfg.health_port)

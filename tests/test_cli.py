@@ -94,3 +94,58 @@ def exercise_and_stop(proc: subprocess.Popen[bytes], base: str, sent_dir: Path) 
     assert len(list(sent_dir.iterdir())) == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+def test_a_provider_setting_no_provider_knows_stops_run_before_anything_starts(dsn: str) -> None:
+    """`run` refuses what its children would refuse (a misspelt provider key) before it applies the schema or
+    starts them, with the key named."""
+    result = run(["common", "run"], DATABASE_URL=dsn, SMSGATE_PROVIDERS__FILE__MAX_ATEMPTS="2")
+    assert result.returncode == 2, result.stderr
+    assert "max_atempts" in result.stderr and "Traceback" not in result.stderr
+    assert "schema applied" not in result.stderr and "running" not in result.stderr
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a process's children (Linux's /proc)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii").split()]
+
+
+def has_exited(pid: int) -> bool:
+    """True when ``pid`` is gone or a zombie (an orphan's zombie is reaped by whoever adopted it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_api_and_dispatcher_stop_when_run_is_killed(dsn: str, tmp_path: Path) -> None:
+    """`run` killed with SIGKILL cannot pass a stop on: its children get SIGTERM from the kernel and exit."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "SENT_SMS_DIR": str(tmp_path)}
+    with subprocess.Popen([sys.executable, "-m", "common", "run"], cwd=PROJECT_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        kids: list[int] = []
+        try:
+            deadline = time.monotonic() + 30
+            while len(kids := children_of(proc.pid)) < 2 or not answers(f"http://127.0.0.1:{port}/health"):
+                assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
+                time.sleep(0.1)
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 15
+            while not all(has_exited(kid) for kid in kids):
+                assert time.monotonic() < deadline, "a child outlived its killed supervisor"
+                time.sleep(0.05)
+        finally:
+            for kid in kids:
+                if not has_exited(kid):
+                    os.kill(kid, signal.SIGKILL)
+
+
+def answers(url: str) -> bool:
+    """True when ``url`` answers 200."""
+    try:
+        return http("GET", url)[0] == 200
+    except OSError:
+        return False

@@ -10,11 +10,12 @@ from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec
 
 from api.auth import Authenticator
-from api.keys import AUTHENTICATOR, CREATE_SCHEMA, DSN, LOAD, METRICS, POOL, PROVIDERS, SETTINGS
-from api.metrics import HttpMetrics, LoadState
+from api.keys import AUTHENTICATOR, CREATE_SCHEMA, DSN, LOAD, METRICS, METRICS_PAGE, POOL, PROVIDERS, SETTINGS
+from api.metrics import HttpMetrics, LoadState, RenderedPage
 from api.openapi import finish_document, reset_view_docs
 from api.middlewares import (auth_middleware, deadline_middleware, docs_static_middleware, error_middleware,
-                             metrics_middleware, overload_middleware, request_id_middleware, validation_problem)
+                             metrics_middleware, overload_middleware, problems_only, request_id_middleware,
+                             validation_problem)
 from api.schemas import MessageCreateSchema
 from api.views import VIEWS
 from common.database import create_pool, quiet_statement_timeouts
@@ -52,7 +53,10 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[AUTHENTICATOR] = Authenticator(settings.auth)
     app[METRICS] = HttpMetrics()
     app[LOAD] = LoadState()
+    # A second at most (the cluster's counters change once per window; tests run windows of a fraction of one).
+    app[METRICS_PAGE] = RenderedPage(max_age=min(1.0, settings.metrics.window_seconds / 10))
     app.cleanup_ctx.append(database_context)
+    app.on_response_prepare.append(problems_only)
     for path, view in VIEWS:
         app.router.add_view(path, view)
     reset_view_docs(view for _, view in VIEWS)

@@ -5,7 +5,7 @@ import aiopg
 from aiohttp import web
 
 from api.auth import Authenticator
-from api.metrics import HttpMetrics, LoadState
+from api.metrics import HttpMetrics, LoadState, RenderedPage
 from api.schemas import MessageCreateSchema
 from common.providers import Provider
 from common.settings import Settings
@@ -16,6 +16,7 @@ POOL = web.AppKey("pool", aiopg.Pool)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 METRICS = web.AppKey("metrics", HttpMetrics)
 LOAD = web.AppKey("load", LoadState)
+METRICS_PAGE = web.AppKey("metrics_page", RenderedPage)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 CREATE_SCHEMA = web.AppKey("create_schema", MessageCreateSchema)  # built once: a schema costs more to make than to use
 USERNAME = web.RequestKey("username", str)

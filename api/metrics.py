@@ -1,12 +1,20 @@
 """Request metrics for Prometheus, kept in a registry of the application's own (tests build many apps)."""
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics", "LoadState"]
+__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics", "LoadState", "RenderedPage"]
+
+# The method label takes these, and "other" for any other token a client sends: a label value per made-up
+# method would let anyone grow the page (and the process's memory) without end.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass
@@ -33,6 +41,8 @@ class HttpMetrics:
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Record one answered request."""
+        if method not in METHODS:
+            method = "other"
         key = (method, route, status)
         children = self._children.get(key)
         if children is None:  # labels() validates and locks on every call: look each series up once
@@ -44,3 +54,27 @@ class HttpMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every collector."""
         return generate_latest(self.registry)
+
+
+class RenderedPage:
+    """The ``/metrics`` page, rendered at most once per ``max_age`` seconds however often it is asked for.
+
+    Rendering costs CPU on the event loop and a database round trip: a flood of scrapes must not stall every
+    other request past its deadline.  Prometheus scrapes every 15 s or so; a page a second old serves it as well.
+    While one render is under way, other requests wait for it rather than start their own.
+    """
+
+    def __init__(self, max_age: float) -> None:
+        """Keep a rendered page for ``max_age`` seconds."""
+        self.max_age = max_age
+        self._body = b""
+        self._rendered_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def get(self, render: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The page, from ``render`` when the last one is older than ``max_age``."""
+        async with self._lock:
+            if time.monotonic() - self._rendered_at >= self.max_age:
+                self._body = await render()
+                self._rendered_at = time.monotonic()
+            return self._body

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
 import re
 import time
 import uuid
@@ -15,7 +16,7 @@ from aiohttp.typedefs import Handler
 from marshmallow import ValidationError
 
 from api.keys import AUTHENTICATOR, COMMITTING, DEADLINE, LOAD, METRICS, REQUEST_ID, SETTINGS, USERNAME
-from api.problems import Problem, problem_response
+from api.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body, problem_response
 from common.database import DatabaseUnavailable
 from common.logs import current_request_id
 
@@ -29,6 +30,10 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PUBLIC_PREFIXES = ("/api/docs", "/api/static")  # the Swagger UI and its OpenAPI document need no auth
 SWAGGER_STATIC_PREFIX = "/api/static/swagger/"
 SWAGGER_STATIC_DIR = Path(aiohttp_apispec.__file__).parent / "static"
+MAX_STATIC_NAME = 100  # the Swagger UI's own files have short names
+# Conditional and range headers make aiohttp's file responses answer 412 or 416 with no body, outside every
+# middleware; the Swagger UI's files are small and need neither, so such a request gets the whole file.
+STATIC_IGNORED_HEADERS = ("Range", "If-Range", "If-Match", "If-Unmodified-Since")
 
 
 @web.middleware
@@ -78,9 +83,32 @@ async def docs_static_middleware(request: web.Request, handler: Handler) -> web.
     """A missing Swagger UI file is a 404 problem (aiohttp's static route finds out only while answering)."""
     if request.path.startswith(SWAGGER_STATIC_PREFIX):
         name = request.path[len(SWAGGER_STATIC_PREFIX):]
-        if not name or "/" in name or name.startswith(".") or not (SWAGGER_STATIC_DIR / name).is_file():
+        if not name or len(name) > MAX_STATIC_NAME or "/" in name or name.startswith(".") \
+                or not (SWAGGER_STATIC_DIR / name).is_file():
             raise web.HTTPNotFound()
+        if any(header in request.headers for header in STATIC_IGNORED_HEADERS):
+            path = SWAGGER_STATIC_DIR / name
+            return web.Response(body=await asyncio.to_thread(path.read_bytes),
+                                content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
     return await handler(request)
+
+
+async def problems_only(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the last guard of "every error answer is a problem".
+
+    aiohttp answers a few requests itself, before or outside every middleware: an ``Expect`` header it does not
+    know (417) is one.  Such an answer, a plain ``web.Response``, is rewritten here while its headers can still
+    change.  Everything the middlewares answer is a problem already and passes untouched.
+    """
+    if response.status < 400 or not isinstance(response, web.Response) \
+            or response.content_type == PROBLEM_CONTENT_TYPE:
+        return
+    body = problem_body(response.status, (response.text or "")[:200] or response.reason or "Request failed.")
+    response.body = body
+    response.headers["Content-Type"] = PROBLEM_CONTENT_TYPE  # whole: the old one's charset must not stay
+    response.headers["Content-Length"] = str(len(body))  # set from the old body before this hook runs
+    if REQUEST_ID_HEADER not in response.headers:
+        response.headers[REQUEST_ID_HEADER] = request.get(REQUEST_ID) or uuid.uuid4().hex
 
 
 @web.middleware

@@ -212,6 +212,10 @@ class ProviderStatsSchema(Schema):
     items = fields.List(fields.Nested(WindowStatsSchema), required=True)
 
 
+class NoQuerySchema(StrictSchema):
+    """A listing without parameters: any query parameter is refused, as on the other listings."""
+
+
 class ProviderStatsQuerySchema(StrictSchema):
     """Query parameters of ``GET /api/v1/providers/<name>/stats``."""
 

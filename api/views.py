@@ -13,11 +13,12 @@ import aiopg
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from api.keys import COMMITTING, CREATE_SCHEMA, DEADLINE, METRICS, POOL, PROVIDERS, SETTINGS, USERNAME
+from api.keys import (COMMITTING, CREATE_SCHEMA, DEADLINE, METRICS, METRICS_PAGE, POOL, PROVIDERS, SETTINGS,
+                      USERNAME)
 from api.metrics import CONTENT_TYPE_LATEST
 from api.openapi import docs, querystring_schema, request_schema
 from api.problems import Problem
-from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageListSchema, MessageSchema,
+from api.schemas import (MessageCreateSchema, MessageListQuerySchema, MessageListSchema, MessageSchema, NoQuerySchema,
                          ProblemSchema, ProviderListSchema, ProviderStatsQuerySchema, ProviderStatsSchema,
                          StatusSchema, encode_cursor)
 from common import store
@@ -32,8 +33,11 @@ PROVIDER_LIST_SCHEMA = ProviderListSchema()
 PROVIDER_STATS_SCHEMA = ProviderStatsSchema()
 LIST_QUERY_SCHEMA = MessageListQuerySchema()  # schemas are built once: making one costs more than using it
 STATS_QUERY_SCHEMA = ProviderStatsQuerySchema()
+NO_QUERY_SCHEMA = NoQuerySchema()
 CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 JSON_TYPES = ("application/json",)
+MAX_CONTENT_TYPE = 100  # characters; "application/json; charset=utf-8" is 31
+BODY_ENCODINGS = ("identity", "gzip", "deflate")  # what aiohttp decodes by itself, whatever is installed
 CLUSTER_UP = (b"# HELP smsgate_cluster_metrics_up 1 when the cluster metrics above could be read from PostgreSQL.\n"
               b"# TYPE smsgate_cluster_metrics_up gauge\nsmsgate_cluster_metrics_up %s\n")
 STATEMENT_MARGIN = 0.05  # seconds between the server's statement limit and the request's deadline
@@ -62,9 +66,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx problem saying what is wrong with it."""
-    charset = (request.charset or "utf-8").lower()
-    if request.content_type not in JSON_TYPES or charset not in ("utf-8", "utf8"):
+    if not is_json_utf8(request.headers.get("Content-Type", "")):
         raise Problem(415, "Send the body as application/json (UTF-8).", code="unsupported_media_type")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in BODY_ENCODINGS:
+        raise Problem(415, f"Content-Encoding must be one of: {', '.join(BODY_ENCODINGS)}.",
+                      code="unsupported_content_encoding")
     try:
         raw = await request.read()  # aiohttp answers 413 past client_max_size
     except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on a body that is not gzip
@@ -82,6 +89,29 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise Problem(422, "The request body must be a JSON object.", code="validation_error",
                       errors={"_schema": ["Expected a JSON object."]})
     return data
+
+
+def is_json_utf8(content_type: str) -> bool:
+    """True for ``application/json``, with no charset or a UTF-8 one.
+
+    Parsed here, not through ``request.content_type``: aiohttp hands the header to the standard library's e-mail
+    header parser, which raises on some short inputs (a 500) and takes a second of CPU on some long ones, with
+    the event loop (and so every other request's deadline) stalled meanwhile.
+    """
+    if len(content_type) > MAX_CONTENT_TYPE:
+        return False
+    media_type, _, params = content_type.partition(";")
+    if media_type.strip().lower() not in JSON_TYPES:
+        return False
+    for param in params.split(";"):
+        if not param.strip():
+            continue  # "application/json;" is seen in the wild
+        name, equals, value = param.partition("=")
+        if not equals or not name.strip():
+            return False  # not a parameter at all
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
 
 
 def query_params(request: web.Request) -> dict[str, str]:
@@ -248,9 +278,10 @@ class ProvidersView(ReadView):
     @docs(tags=["providers"], summary="Configured providers and how they are doing",
           description="Settings, regions, this window's counts and rate-limit usage, the latest stability rating "
                       "and the circuit state. A window is metrics.window_seconds long (a minute in production).",
-          responses={200: {"schema": ProviderListSchema, "description": "providers"}, **_problems(401, 503)})
+          responses={200: {"schema": ProviderListSchema, "description": "providers"}, **_problems(401, 422, 503)})
     async def get(self) -> web.Response:
         """Settings from the configuration, capabilities from the implementations, state from PostgreSQL."""
+        NO_QUERY_SCHEMA.load(query_params(self.request))
         app = self.request.app
         settings = app[SETTINGS]
         window = settings.metrics.window_seconds
@@ -328,17 +359,19 @@ class MetricsView(ReadView):
         Without the database the cluster part is left out (and ``smsgate_cluster_metrics_up`` says 0), so the
         request metrics still show what the outage looks like from here.
         """
+        page = await self.request.app[METRICS_PAGE].get(self._render)
+        return web.Response(body=page, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _render(self) -> bytes:
+        """The page as it is now (see :class:`api.metrics.RenderedPage` for how often)."""
         app = self.request.app
         body = app[METRICS].render()
         try:
             async with connection(app[POOL]) as conn:
                 totals, waiting, lag = await store.metrics_snapshot(conn)
         except DatabaseUnavailable:
-            return web.Response(body=body + CLUSTER_UP % b"0",
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
-        cluster = generate_latest(cluster_registry(totals, waiting, lag, app[PROVIDERS].keys()))
-        return web.Response(body=cluster + body + CLUSTER_UP % b"1",
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return body + CLUSTER_UP % b"0"
+        return generate_latest(cluster_registry(totals, waiting, lag, app[PROVIDERS].keys())) + body + CLUSTER_UP % b"1"
 
 
 VIEWS: tuple[tuple[str, type[web.View]], ...] = (

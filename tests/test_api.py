@@ -1,6 +1,7 @@
 """The HTTP contract: routes, fields, statuses, problems, authentication and isolation."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -136,6 +137,11 @@ async def test_invalid_fields_are_422_naming_the_field(api: Client, pool: aiopg.
     (b'{"phone": "+79991234568", "text": "' + b"9" * 5000 + b'"}', "application/json", 422),
     (b'{"phone": "+79991234568", "text": "a", "text": "b"}', "application/json", 400),
     (b'{"phone": "+79991234568", "text": "x"}', "application/json; charset=latin-1", 415),
+    # Content-Types that break the standard library's header parser (an IndexError, a RecursionError) or keep it
+    # busy for a second: never parsed, refused.
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json; x*", 415),
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json; " + "(" * 500, 415),
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json; " + '"' * 8000, 415),
 ])
 async def test_malformed_bodies_are_problems(api: Client, pool: aiopg.Pool, raw: bytes, ctype: str,
                                              expected: int) -> None:
@@ -152,6 +158,24 @@ async def test_undecodable_content_encoding_is_400(api: Client, pool: aiopg.Pool
     resp = await api.post(MESSAGES, data=b"not gzip at all", headers={
         **auth(), "Content-Type": "application/json", "Content-Encoding": "gzip"})
     assert_problem(resp.status, await resp.json(content_type=None), 400, "invalid_body")
+    assert await count_rows(pool) == 0
+
+
+async def test_unknown_content_encoding_is_415(api: Client, pool: aiopg.Pool) -> None:
+    """A coding the service cannot undo is refused, not read as if it were plain."""
+    resp = await api.post(MESSAGES, data=b'{"phone": "+79991234568", "text": "x"}', headers={
+        **auth(), "Content-Type": "application/json", "Content-Encoding": "x-foo"})
+    assert_problem(resp.status, await resp.json(content_type=None), 415, "unsupported_content_encoding")
+    assert await count_rows(pool) == 0
+
+
+async def test_an_unknown_expectation_is_a_problem(api: Client, pool: aiopg.Pool) -> None:
+    """aiohttp answers an ``Expect`` it does not know itself, before any middleware: still a problem (417)."""
+    for method, path in (("GET", "/health"), ("POST", MESSAGES), ("GET", "/nope")):
+        resp = await api.request(method, path, headers={**auth(), "Expect": "bogus"},
+                                 json={"phone": "+79991234568", "text": "x"})
+        assert resp.headers["Content-Type"] == "application/problem+json" and resp.headers["X-Request-ID"]
+        assert_problem(resp.status, await resp.json(content_type=None), 417, "expectation_failed")
     assert await count_rows(pool) == 0
 
 
@@ -173,9 +197,14 @@ async def test_head_answers_like_get(api: Client) -> None:
 async def test_swagger_ui_files(api: Client) -> None:
     """The Swagger UI's files are served; a missing one is a 404 problem like any other."""
     assert (await api.get("/api/static/swagger/swagger-ui.css")).status == 200
-    for name in ("nope.js", "", "..%2Fapp.py"):
+    for name in ("nope.js", "", "..%2Fapp.py", "a" * 256):
         resp = await api.get(f"/api/static/swagger/{name}")
         assert_problem(resp.status, await resp.json(content_type=None), 404)
+    whole = await (await api.get("/api/static/swagger/swagger-ui.css")).read()
+    for header, value in (("Range", "bytes=abc"), ("Range", "bytes=5-1"), ("If-Match", '"nope"'),
+                          ("If-Unmodified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")):
+        resp = await api.get("/api/static/swagger/swagger-ui.css", headers={header: value})
+        assert resp.status == 200 and await resp.read() == whole, (header, value)  # not a bodiless 412 or 416
 
 
 async def test_huge_body_is_413(api: Client, pool: aiopg.Pool) -> None:
@@ -315,6 +344,26 @@ async def test_aiohttp_errors_are_problems(api: Client, method: str, path: str, 
     assert_problem(resp.status, await resp.json(content_type=None), status)
     if status == 405:
         assert resp.headers["Allow"]
+
+
+async def test_providers_listing_refuses_unknown_parameters(api: Client) -> None:
+    """Like the messages listing: an unknown query parameter is a 422 naming it."""
+    resp = await api.get("/api/v1/providers?foo=1", headers=auth())
+    body = await resp.json(content_type=None)
+    assert_problem(resp.status, body, 422, "validation_error")
+    assert "foo" in body["errors"]
+
+
+async def test_metrics_cannot_be_grown_or_flooded(api: Client) -> None:
+    """Made-up methods share one label value; the page is rendered at most once a second, so a flood of scrapes
+    costs one render (the requests in between do not show until the next)."""
+    for method in ("PROPFIND", "MKCOL", "PURGE"):  # tokens HTTP parsers let through, unknown to every route here
+        assert (await api.request(method, "/health")).status == 405
+    first = await (await api.get("/metrics")).text()
+    assert 'method="other"' in first and "PROPFIND" not in first and "PURGE" not in first
+    await api.get("/health")
+    pages = await asyncio.gather(*(api.get("/metrics") for _ in range(20)))
+    assert {await page.text() for page in pages} == {first}
 
 
 async def test_service_routes(api: Client) -> None:

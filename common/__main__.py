@@ -3,7 +3,7 @@
 - ``dsn``: print the database address (starting the embedded PostgreSQL when ``DATABASE_URL`` is unset);
 - ``migrate``: apply ``schema.sql`` to it;
 - ``run``: migrate, then run the API and one dispatcher as child processes until Ctrl-C or SIGTERM, which are
-  passed on to both so that each stops cleanly; if either child exits, the other is stopped too;
+  passed on to both so that each stops cleanly; a child that crashes is started again (see :func:`supervise`);
 - ``stop-db``: stop the embedded PostgreSQL (it keeps running between ``make run``s, for a quick start).
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from common.signals import SUPERVISED, die_with_parent
 
 USAGE = "usage: python -m common dsn|migrate|run|stop-db"
 CHILDREN = ("api", "dispatcher")
+RESTART_LIMIT = 5      # crashes of one child within RESTART_WINDOW before run gives up
+RESTART_WINDOW = 60.0  # seconds
 
 
 def main(argv: list[str]) -> int:
@@ -52,12 +54,24 @@ def main(argv: list[str]) -> int:
 
 
 def supervise(dsn: str) -> int:
-    """Run the API and a dispatcher against ``dsn``; stop both when either ends or a signal arrives."""
+    """Run the API and a dispatcher against ``dsn`` until a signal; restart one that crashes.
+
+    A child that exits by itself is started again (a dispatcher killed mid-send loses nothing: its claims are
+    reclaimed when their lease ends), unless it refused its settings (exit status 2) or crashed
+    ``RESTART_LIMIT`` times within ``RESTART_WINDOW`` seconds: then both stop and ``run`` fails with its status.
+    """
     env = dict(os.environ, DATABASE_URL=dsn, **{SUPERVISED: "1"})
-    # They live until the end of this function (waited for below); this process has one thread, so preexec_fn is safe.
-    # pylint: disable-next=consider-using-with,subprocess-popen-preexec-fn
-    procs = [subprocess.Popen([sys.executable, "-m", name], env=env, preexec_fn=die_with_parent) for name in CHILDREN]
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        # It lives until the end of supervise() (waited for below); this process has one thread, so preexec_fn
+        # is safe.
+        # pylint: disable-next=consider-using-with,subprocess-popen-preexec-fn
+        return subprocess.Popen([sys.executable, "-m", name], env=env, preexec_fn=die_with_parent)
+
+    procs = {name: start(name) for name in CHILDREN}
+    crashes: dict[str, list[float]] = {name: [] for name in CHILDREN}
     stopping = False
+    failed = 0
 
     def forward(_signum: int, _frame: FrameType | None) -> None:
         # One SIGTERM each, whatever came and however often (the children ignore the terminal's SIGINT): a
@@ -66,28 +80,42 @@ def supervise(dsn: str) -> int:
         if stopping:
             return
         stopping = True
-        for proc in procs:
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     print(f"smsgate: running {', '.join(CHILDREN)}; Ctrl-C stops both", file=sys.stderr)
-    while all(p.poll() is None for p in procs) and not stopping:
+    while not stopping and not failed:
         time.sleep(0.2)
-    if not stopping:  # a child ended by itself: stop the other
-        for proc in procs:
+        for name, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None or stopping:
+                continue
+            now = time.monotonic()
+            crashes[name] = [t for t in crashes[name] if now - t < RESTART_WINDOW] + [now]
+            if code == 2 or len(crashes[name]) > RESTART_LIMIT:
+                print(f"smsgate: {name} exited with status {code}; stopping", file=sys.stderr)
+                failed = abs(code) or 1
+                break
+            print(f"smsgate: {name} exited with status {code}; starting it again", file=sys.stderr)
+            procs[name] = start(name)
+    if failed:  # stop the other
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
     codes = []
-    for proc in procs:
+    for proc in procs.values():
         try:
             codes.append(proc.wait(timeout=30))
         except subprocess.TimeoutExpired:
             proc.kill()
             codes.append(proc.wait())
+    if failed:
+        return failed
     # A child stopped by our own SIGTERM reports -15 (or 0 when it handled it): both mean a clean stop.
-    return 0 if stopping and all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else max(map(abs, codes))
+    return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else max(map(abs, codes))
 
 
 if __name__ == "__main__":

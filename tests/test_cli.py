@@ -110,6 +110,19 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii").split()]
 
 
+def children_by_module(pid: int) -> dict[str, int]:
+    """A process's live ``python -m <module>`` children, by module."""
+    found = {}
+    for kid in children_of(pid):
+        try:
+            args = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"-m" in args and not has_exited(kid):
+            found[args[args.index(b"-m") + 1].decode()] = kid
+    return found
+
+
 def has_exited(pid: int) -> bool:
     """True when ``pid`` is gone or a zombie (an orphan's zombie is reaped by whoever adopted it)."""
     try:
@@ -149,3 +162,30 @@ def answers(url: str) -> bool:
         return http("GET", url)[0] == 200
     except OSError:
         return False
+
+
+def test_run_starts_a_crashed_dispatcher_again(dsn: str, tmp_path: Path) -> None:
+    """A dispatcher killed with SIGKILL under `run` is replaced; the API stays up and the new one sends."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "SENT_SMS_DIR": str(tmp_path / "sent")}
+    (tmp_path / "sent").mkdir()
+    log = tmp_path / "run.log"
+    with log.open("wb") as err, subprocess.Popen([sys.executable, "-m", "common", "run"], cwd=PROJECT_ROOT, env=env,
+                                                 stdout=subprocess.DEVNULL, stderr=err) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while len(first := children_by_module(proc.pid)) < 2 or not answers(base + "/health"):
+                assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
+                time.sleep(0.1)
+            os.kill(first["dispatcher"], signal.SIGKILL)
+            while len(now := children_by_module(proc.pid)) < 2 or now["dispatcher"] == first["dispatcher"]:
+                assert time.monotonic() < deadline and proc.poll() is None, "no new dispatcher"
+                time.sleep(0.05)
+            assert now["api"] == first["api"]  # the same API process, still answering
+            exercise_and_stop(proc, base, tmp_path / "sent")
+            assert "dispatcher exited with status -9; starting it again" in log.read_text(encoding="utf-8")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

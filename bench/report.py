@@ -260,7 +260,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     limit = results["environment"].get("max_connections")
     if most is not None and limit:
         notes.append(f"- {most['replicas']} dispatcher replicas held up to {most['peak_connections']} connections to "
-                     f"the database (each pools up to min(max_in_flight, 20) + 2 and LISTENs on one more), "
+                     f"the database (each pools up to min(max_in_flight, 8) + 2 and LISTENs on one more), "
                      f"{most['peak_connections'] / limit:.0%} of this server's max_connections ({limit}): a fifth "
                      "replica, or the API next to four, would run into it.")
     if any(r.get("error_log_lines") for r in ours):

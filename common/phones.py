@@ -27,8 +27,8 @@ class PhoneNumber(NamedTuple):
 def parse_phone(raw: str) -> PhoneNumber:
     """Parse ``raw`` once into its E.164 form and region, or raise :class:`InvalidPhone` with the reason.
 
-    The API needs both for every POST, and parsing is most of what validating a message costs (see the profile
-    in docs/benchmarks.md), so the two come from one parse.
+    The API needs both for every POST, and parsing is most of what validating a message costs (see
+    docs/profile.md), so the two come from one parse.
     """
     if len(raw) > MAX_INPUT_LENGTH:
         raise InvalidPhone(f"Longer than {MAX_INPUT_LENGTH} characters.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import datetime as dt
 import uuid
 from typing import Any, Iterator
 
@@ -134,3 +135,8 @@ def test_hot_queries_use_their_indexes(db: Any) -> None:
         assert "messages_user_created_idx" in listing and "Sort" not in listing
         assert "messages_pkey" in _plan(cur, store.GET_MESSAGE, id=some_id, username="user1")
         assert "attempts_pkey" in _plan(cur, store.ATTEMPTS_OF, ids=[some_id, uuid.uuid4()])
+        # Once a window: one window's attempts by their end (joined to their messages by key), not the whole table.
+        hour_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+        windows = _plan(cur, store.COMPUTE_WINDOWS, window=60.0, start=hour_ago,
+                        until=hour_ago + dt.timedelta(minutes=1))
+        assert "attempts_finished_idx" in windows and "messages_pkey" in windows, windows

@@ -1,9 +1,9 @@
 """schema.sql: idempotent, in step with common/tables.py and common/domain.py, and indexed for the hot queries."""
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import threading
-import datetime as dt
 import uuid
 from typing import Any, Iterator
 

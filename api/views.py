@@ -287,7 +287,7 @@ class ProvidersView(ReadView):
         window = settings.metrics.window_seconds
         async with connection(app[POOL]) as conn:
             counts, usage = await store.current_window(conn, window=window)
-            routing = await store.routing_snapshot(conn)
+            routing = await store.routing_snapshot(conn, window=window)
         built = app[PROVIDERS]
         items = []
         for ps in settings.providers:

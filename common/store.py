@@ -553,7 +553,13 @@ DISPATCH_LAG = Query(
     "dispatch_lag")
 
 
-_latest_rating = (sa.select(s.provider, s.rating, s.window_start, s.computed_at)
+# A rating ranks providers only while it is fresh: one whose latest rated window is older than this many windows
+# (none of its attempts has ended since, because it got no traffic) says nothing about it any more, and would
+# otherwise keep a provider that once had a bad window out of the service's choice for good.
+RATING_FRESH_WINDOWS = 5
+_latest_rating = (sa.select(s.provider, s.rating, s.window_start, s.computed_at,
+                            (s.window_start >= sa.func.now() - sa.cast(sa.bindparam("max_age"), sa.Interval))
+                            .label("fresh"))
                   .where(s.rating.is_not(None))
                   .order_by(s.provider, s.window_start.desc())
                   .ext(distinct_on(s.provider)))
@@ -595,13 +601,14 @@ STATS_HISTORY = Query(
 class RoutingSnapshot:
     """What the last computed windows say about each provider."""
 
-    ratings: dict[str, Row]   # provider -> rating, window_start, computed_at (latest rated window)
+    ratings: dict[str, Row]   # provider -> rating, window_start, computed_at, fresh (latest rated window)
     open_circuits: set[str]   # providers whose latest finished attempts all failed
 
 
-async def routing_snapshot(conn: aiopg.Connection) -> RoutingSnapshot:
-    """Latest ratings and circuit states, from the statistics windows."""
-    ratings = {row["provider"]: row for row in await fetch_all(conn, LATEST_RATINGS)}
+async def routing_snapshot(conn: aiopg.Connection, *, window: float) -> RoutingSnapshot:
+    """Latest ratings (marked fresh or not, see :data:`RATING_FRESH_WINDOWS`) and circuit states."""
+    max_age = _delta(window * RATING_FRESH_WINDOWS)
+    ratings = {row["provider"]: row for row in await fetch_all(conn, LATEST_RATINGS, max_age=max_age)}
     open_circuits = {row["provider"] for row in await fetch_all(conn, LATEST_OUTCOMES) if row["sent"] == 0}
     return RoutingSnapshot(ratings, open_circuits)
 

@@ -60,7 +60,8 @@ def rank_providers(message_id: uuid.UUID, *, region: str | None, providers: Sequ
     """The providers to try for a message the service routes, best first, as (name, only_as_probe).
 
     Eligible: enabled, serving the number's region, not exhausted for this message.  Ranked by the latest
-    stability rating (to two decimals; a provider not rated yet counts as 1.0), then ``default``, then
+    stability rating (to two decimals; a provider not rated yet, or whose rating is no longer fresh, counts as
+    1.0: it gets a share of the traffic again and so a new rating), then ``default``, then
     ``priority`` (lower first), then a hash of (message, provider) that spreads ties evenly.  The provider the
     message is already on stays first while it is eligible, so its retries keep their interval.  Providers
     whose circuit is open are listed first but only as probes: the dispatcher sends to one only when it wins
@@ -69,7 +70,10 @@ def rank_providers(message_id: uuid.UUID, *, region: str | None, providers: Sequ
     """
     def key(p: ProviderSettings) -> tuple[float, int, int, int]:
         rated = snapshot.ratings.get(p.name)
-        rating = 1.0 if rated is None or rated["rating"] is None else float(rated["rating"])
+        if rated is None or rated["rating"] is None or not rated.get("fresh", True):
+            rating = 1.0
+        else:
+            rating = float(rated["rating"])
         spread = zlib.crc32(f"{message_id}/{p.name}".encode())
         return -round(rating, 2), 0 if p.name == default else 1, p.priority, spread
 

@@ -157,7 +157,7 @@ class Dispatcher:  # pylint: disable=too-many-instance-attributes
         if time.monotonic() - self._routing_read < max(0.05, self.window / 4):
             return
         async with connection(self.pool) as conn:
-            self.routing = await store.routing_snapshot(conn)
+            self.routing = await store.routing_snapshot(conn, window=self.window)
         self._routing_read = time.monotonic()
 
     def _policy(self, name: str) -> RetryPolicy:

@@ -50,6 +50,11 @@ def rated(**ratings: float) -> dict[str, dict[str, float]]:
     ([A, B], "RU", rated(a=0.5, b=0.9), set(), set(), None, [("b", False), ("a", False)]),
     # ratings equal to two decimals are a tie: priority decides
     ([A, B], "RU", rated(a=0.901, b=0.899), set(), set(), None, [("a", False), ("b", False)]),
+    # a rating that is no longer fresh (no attempt of the provider ended for a while) counts as none: 1.0
+    ([A, B], "RU", {"a": {"rating": 0.4, "fresh": False}, "b": {"rating": 1.0, "fresh": True}}, set(), set(), None,
+     [("a", False), ("b", False)]),
+    ([A, B], "RU", {"a": {"rating": 0.4, "fresh": True}, "b": {"rating": 1.0, "fresh": True}}, set(), set(), None,
+     [("b", False), ("a", False)]),
     # regions: a provider that does not serve the number is not a candidate
     ([RU_ONLY, A], "GB", {}, set(), set(), None, [("a", False)]),
     ([RU_ONLY, A], "RU", {}, set(), set(), None, [("ru", False), ("a", False)]),

@@ -12,7 +12,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from api.app import create_app
+from common import store
 from common.providers import Provider, ProviderError, SendReceipt, Sms, register
+from common.settings import ProviderSettings
+from dispatcher.policy import rank_providers
 from tests.conftest import ClientFactory
 from tests.helpers import Dispatchers, auth, make_settings, wait_until
 from tests.test_dispatcher import all_final, insert, message, rows
@@ -168,6 +171,22 @@ async def test_a_delivery_after_the_window_still_rates_the_send(pool: aiopg.Pool
     assert sending and all(w["delivered"] == 0 and w["rating"] == 1.0 for w in sending), windows
     delivering = [w for w in windows if w["delivered"] > 0]
     assert sum(w["delivered"] for w in delivering) == 5 and all(w["rating"] is None for w in delivering), windows
+
+
+async def test_a_rating_stops_ranking_once_it_is_old(pool: aiopg.Pool) -> None:
+    """A provider's latest rating is fresh for five windows; after that it ranks as unrated, so a provider that
+    had one bad window and then no traffic is chosen again (and rated again) instead of never."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("INSERT INTO provider_window_stats (window_start, provider, attempts, sent, failed, "
+                          "delivered, rating) VALUES (now() - interval '1 minute', 'recent', 5, 2, 3, 0, 0.4), "
+                          "(now() - interval '6 minutes', 'old', 5, 2, 3, 0, 0.4)")
+    async with pool.acquire() as conn:
+        snapshot = await store.routing_snapshot(conn, window=60.0)
+    assert snapshot.ratings["recent"]["fresh"] is True and snapshot.ratings["old"]["fresh"] is False
+    settings = [ProviderSettings(name=n, type="stub") for n in ("recent", "old", "other")]
+    ranked = rank_providers(uuid.UUID(int=1), region="RU", providers=settings, snapshot=snapshot, exhausted=(),
+                            current=None)
+    assert ranked[-1] == ("recent", False) and {name for name, _ in ranked[:2]} == {"old", "other"}
 
 
 async def test_region_rules_on_post(aiohttp_client: ClientFactory, dsn: str, tmp_path: Path) -> None:

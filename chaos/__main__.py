@@ -2,7 +2,7 @@
 
 - default (about 3 minutes, at most 5): every scenario at full size; writes ``docs/chaos.md``;
 - ``--quick`` (under a minute): every scenario, smaller; prints the report (``--out`` to write it);
-- ``--smoke`` (under 30 s): the kill -9 invariant on 200 messages only, for ``make test``; prints a summary.
+- ``--smoke`` (about 10 s): the kill -9 invariant on 200 messages only, for ``make test``; prints a summary.
 
 The database is ``DATABASE_URL`` when set, else the embedded server in ``.data/postgres``; each scenario works in
 a database of its own, dropped at the end.  The outage scenario needs a server it may stop: it starts a private
@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every scenario, smaller (under a minute)")
-    size.add_argument("--smoke", action="store_true", help="kill -9 on 200 messages only (under 30 s)")
+    size.add_argument("--smoke", action="store_true", help="kill -9 on 200 messages only (about 10 s)")
     parser.add_argument("--out", type=Path, default=None,
                         help="report path (default: docs/chaos.md for a full run, none otherwise)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs and files")

@@ -13,7 +13,7 @@ HOW = """\
 ```sh
 make chaos                          # = .venv/bin/python -m chaos: every scenario at full size, writes docs/chaos.md
 .venv/bin/python -m chaos --quick   # under a minute: every scenario, smaller; prints the report
-.venv/bin/python -m chaos --smoke   # under 30 s: the kill -9 invariant on 200 messages (part of make test)
+.venv/bin/python -m chaos --smoke   # about 10 s: the kill -9 invariant on 200 messages (part of make test)
 ```
 
 The exit status is 1 when any invariant below breaks (0 otherwise). The API and the dispatchers run as the real

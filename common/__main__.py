@@ -50,16 +50,18 @@ def main(argv: list[str]) -> int:
     print("smsgate: schema applied", file=sys.stderr)
     if argv[0] == "migrate":
         return 0
-    return supervise(dsn)
+    return supervise(dsn, f"http://{settings.api.host}:{settings.api.port}")
 
 
-def supervise(dsn: str) -> int:
+def supervise(dsn: str, url: str) -> int:
     """Run the API and a dispatcher against ``dsn`` until a signal; restart one that crashes.
 
     A child that exits by itself is started again (a dispatcher killed mid-send loses nothing: its claims are
     reclaimed when their lease ends), unless it refused its settings (exit status 2) or crashed
     ``RESTART_LIMIT`` times within ``RESTART_WINDOW`` seconds: then both stop and ``run`` fails with its status.
+    If this process's own parent dies (``make run`` killed), it gets SIGTERM and stops both as for a Ctrl-C.
     """
+    die_with_parent()
     env = dict(os.environ, DATABASE_URL=dsn, **{SUPERVISED: "1"})
 
     def start(name: str) -> subprocess.Popen[bytes]:
@@ -86,7 +88,7 @@ def supervise(dsn: str) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    print(f"smsgate: running {', '.join(CHILDREN)}; Ctrl-C stops both", file=sys.stderr)
+    print(f"smsgate: running the API on {url} and a dispatcher; Ctrl-C stops both", file=sys.stderr)
     while not stopping and not failed:
         time.sleep(0.2)
         for name, proc in list(procs.items()):

@@ -29,9 +29,10 @@ def handle_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None
 
 
 def die_with_parent() -> None:
-    """Run in a child before exec: have Linux send it SIGTERM when its parent dies, even by SIGKILL.
+    """Have Linux send this process SIGTERM when its parent dies, even by SIGKILL (it survives exec).
 
-    A child that ignores Ctrl-C would otherwise outlive a killed supervisor.  Elsewhere it does nothing.
+    The supervisor calls it for itself (``make run`` killed) and in each child before exec: a child that ignores
+    Ctrl-C would otherwise outlive a killed supervisor.  Elsewhere than on Linux it does nothing.
     """
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -189,3 +189,31 @@ def test_run_starts_a_crashed_dispatcher_again(dsn: str, tmp_path: Path) -> None
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_run_stops_when_its_own_parent_is_killed(dsn: str, tmp_path: Path) -> None:
+    """`make run` killed with SIGKILL: `run` gets SIGTERM from the kernel and stops its children as for Ctrl-C."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "SENT_SMS_DIR": str(tmp_path)}
+    # "; true" keeps the shell as the parent (it would exec a lone command), as make is in `make run`.
+    with subprocess.Popen(["bash", "-c", f"'{sys.executable}' -m common run; true"], cwd=PROJECT_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as shell:
+        family: list[int] = []
+        try:
+            deadline = time.monotonic() + 30
+            while not (runs := children_of(shell.pid)) or len(children_of(runs[0])) < 2 \
+                    or not answers(f"http://127.0.0.1:{port}/health"):
+                assert time.monotonic() < deadline and shell.poll() is None, "the service did not start"
+                time.sleep(0.1)
+            family = [runs[0], *children_of(runs[0])]
+            shell.kill()
+            shell.wait()
+            deadline = time.monotonic() + 15
+            while not all(has_exited(pid) for pid in family):
+                assert time.monotonic() < deadline, "run or a child outlived the killed parent"
+                time.sleep(0.05)
+        finally:
+            for pid in family:
+                if not has_exited(pid):
+                    os.kill(pid, signal.SIGKILL)

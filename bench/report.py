@@ -77,11 +77,13 @@ def environment(dsn: str, source: str) -> dict[str, Any]:
     nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                             text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=False).stdout.strip() != ""
     versions = {name: _version(name) for name in ("aiohttp", "aiopg", "psycopg2-binary", "SQLAlchemy")}
     return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "nproc": nproc or os.cpu_count(),
             "cpu": cpu_model, "memory_gib": round(mem_kb / 1024 / 1024, 1), "kernel": platform.release(),
             "python": platform.python_version(), "postgresql": postgres_version(dsn), "database": source,
-            "max_connections": int(scalar(dsn, "SHOW max_connections")),
+            "max_connections": int(scalar(dsn, "SHOW max_connections")), "git_dirty": dirty,
             "packages": versions, "git_commit": commit, "loadavg_before": loadavg()}
 
 
@@ -283,6 +285,13 @@ def _row(label: str, values: dict[str, Any]) -> str:
     return f"| {label} | {values['p50']} | {values['p99']} | {values['max']} |"
 
 
+def _tree_state(dirty: bool | None) -> str:
+    """What the commit line says about the work tree (reports older than the flag cannot tell)."""
+    if dirty is None:
+        return "(plus any uncommitted changes in the tree)"
+    return "(with uncommitted changes to tracked files)" if dirty else "(clean tree)"
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole markdown report."""
     env = results["environment"]
@@ -295,7 +304,7 @@ def render(results: dict[str, Any]) -> str:
            f"| kernel | {env['kernel']} |", f"| Python | {env['python']} |", f"| PostgreSQL | {env['postgresql']} |",
            f"| database | {env['database']}, fresh database per run |",
            "| packages | " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + " |",
-           f"| git commit | {env['git_commit']} (plus any uncommitted changes in the tree) |",
+           f"| git commit | {env['git_commit']} {_tree_state(env.get('git_dirty'))} |",
            f"| load average before / after | {env['loadavg_before']} / {env.get('loadavg_after', '?')} |", "",
            "## Method", "", METHOD]
     plan = results["plan"]

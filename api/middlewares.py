@@ -34,6 +34,7 @@ MAX_STATIC_NAME = 100  # the Swagger UI's own files have short names
 # Conditional and range headers make aiohttp's file responses answer 412 or 416 with no body, outside every
 # middleware; the Swagger UI's files are small and need neither, so such a request gets the whole file.
 STATIC_IGNORED_HEADERS = ("Range", "If-Range", "If-Match", "If-Unmodified-Since")
+STATIC_CHUNK = 64 * 1024
 
 
 @web.middleware
@@ -87,10 +88,27 @@ async def docs_static_middleware(request: web.Request, handler: Handler) -> web.
                 or not (SWAGGER_STATIC_DIR / name).is_file():
             raise web.HTTPNotFound()
         if any(header in request.headers for header in STATIC_IGNORED_HEADERS):
-            path = SWAGGER_STATIC_DIR / name
-            return web.Response(body=await asyncio.to_thread(path.read_bytes),
-                                content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
+            return await whole_file(request, SWAGGER_STATIC_DIR / name)
     return await handler(request)
+
+
+async def whole_file(request: web.Request, path: Path) -> web.StreamResponse:
+    """``path`` as a 200, streamed in chunks: however many clients ask at once (and read slowly), each holds
+    one chunk in memory, not the file."""
+    response = web.StreamResponse(headers={"Content-Type": mimetypes.guess_type(path.name)[0]
+                                           or "application/octet-stream"})
+    response.content_length = path.stat().st_size
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    try:
+        with path.open("rb") as source:
+            while chunk := await asyncio.to_thread(source.read, STATIC_CHUNK):
+                await response.write(chunk)  # waits while the client is slow to read
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away; there is no one left to answer
+    return response
 
 
 async def problems_only(request: web.BaseRequest, response: web.StreamResponse) -> None:

@@ -51,7 +51,18 @@ class ProblemServer(web.Server):
 
 
 class AppRunner(web.AppRunner):
-    """``web.AppRunner`` serving through :class:`ProblemServer`."""
+    """``web.AppRunner`` serving through :class:`ProblemServer`, with request bodies left as they came.
+
+    aiohttp would inflate a gzip or deflate body as its bytes arrive, on the event loop, to any size and whether
+    or not a handler ever reads it: a 1 MB body that inflates to 1 GiB, sent to any route, stalled every request
+    for two seconds.  The one view that reads a body inflates it itself, bounded (see
+    :func:`api.views.read_json_object`).
+    """
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        """aiohttp's runner, with ``auto_decompress`` off unless asked for."""
+        kwargs.setdefault("auto_decompress", False)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         """The server aiohttp would make, rebuilt as a :class:`ProblemServer` with the same settings."""

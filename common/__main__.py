@@ -22,7 +22,7 @@ from common.signals import SUPERVISED, die_with_parent
 
 USAGE = "usage: python -m common dsn|migrate|run|stop-db"
 CHILDREN = ("api", "dispatcher")
-RESTART_LIMIT = 5      # crashes of one child within RESTART_WINDOW before run gives up
+RESTART_LIMIT = 5      # run gives up at this crash of one child within RESTART_WINDOW
 RESTART_WINDOW = 60.0  # seconds
 
 
@@ -57,7 +57,7 @@ def supervise(dsn: str, url: str) -> int:
     """Run the API and a dispatcher against ``dsn`` until a signal; restart one that crashes.
 
     A child that exits by itself is started again (a dispatcher killed mid-send loses nothing: its claims are
-    reclaimed when their lease ends), unless it refused its settings (exit status 2) or crashed
+    reclaimed when their lease ends), unless it refused its settings (exit status 2) or has crashed
     ``RESTART_LIMIT`` times within ``RESTART_WINDOW`` seconds: then both stop and ``run`` fails with its status.
     If this process's own parent dies (``make run`` killed), it gets SIGTERM and stops both as for a Ctrl-C.
     """
@@ -97,7 +97,7 @@ def supervise(dsn: str, url: str) -> int:
                 continue
             now = time.monotonic()
             crashes[name] = [t for t in crashes[name] if now - t < RESTART_WINDOW] + [now]
-            if code == 2 or len(crashes[name]) > RESTART_LIMIT:
+            if code == 2 or len(crashes[name]) >= RESTART_LIMIT:
                 print(f"smsgate: {name} exited with status {code}; stopping", file=sys.stderr)
                 failed = abs(code) or 1
                 break

@@ -14,15 +14,36 @@ import aiopg
 import psycopg2
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web import BaseRunner
 
 from api.app import create_app
+from api.server import AppRunner
 from common.database import apply_schema, create_database, create_pool, embedded_dsn, with_database
 from common.settings import PROJECT_ROOT, Settings
 from common.tables import metadata
 from tests.helpers import Dispatchers, make_settings
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class ServiceTestServer(TestServer):
+    """aiohttp's test server, serving through the service's own runner, as ``python -m api`` does: protocol
+    errors answered as problems, request bodies left for the view to inflate (bounded)."""
+
+    async def _make_runner(self, **kwargs: object) -> BaseRunner:
+        """:class:`api.server.AppRunner` instead of aiohttp's."""
+        return AppRunner(self.app, **kwargs)
+
+
+@pytest.fixture(name="aiohttp_client")
+def fixture_aiohttp_client(aiohttp_client: ClientFactory) -> ClientFactory:
+    """pytest-aiohttp's client factory, for an app served by :class:`ServiceTestServer`."""
+
+    async def client(app: web.Application, **kwargs: object) -> TestClient[web.Request, web.Application]:
+        return await aiohttp_client(ServiceTestServer(app), **kwargs)
+
+    return client
 
 
 @pytest.fixture(name="server_dsn", scope="session")

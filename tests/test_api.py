@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import gzip
 import json
 import uuid
-from typing import Any
+import zlib
+from typing import Any, Callable
 
 import aiopg
 import pytest
@@ -142,6 +144,12 @@ async def test_invalid_fields_are_422_naming_the_field(api: Client, pool: aiopg.
     (b'{"phone": "+79991234568", "text": "x"}', "application/json; x*", 415),
     (b'{"phone": "+79991234568", "text": "x"}', "application/json; " + "(" * 500, 415),
     (b'{"phone": "+79991234568", "text": "x"}', "application/json; " + '"' * 8000, 415),
+    # RFC 9110 syntax, ASCII only: no Unicode spaces, no unclosed quotes, no spaces inside a parameter
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json\u3000", 415),
+    (b'{"phone": "+79991234568", "text": "x"}', "\u2003application/json", 415),
+    (b'{"phone": "+79991234568", "text": "x"}', 'application/json; charset="utf-8', 415),
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json; a b c=d", 415),
+    (b'{"phone": "+79991234568", "text": "x"}', "application/json; charset = utf-8", 415),
 ])
 async def test_malformed_bodies_are_problems(api: Client, pool: aiopg.Pool, raw: bytes, ctype: str,
                                              expected: int) -> None:
@@ -161,11 +169,53 @@ async def test_undecodable_content_encoding_is_400(api: Client, pool: aiopg.Pool
     assert await count_rows(pool) == 0
 
 
-async def test_unknown_content_encoding_is_415(api: Client, pool: aiopg.Pool) -> None:
-    """A coding the service cannot undo is refused, not read as if it were plain."""
+@pytest.mark.parametrize("ctype", ["application/json; foo=\"a;b\"", "application/JSON;charset=\"UTF-8\"",
+                                   "application/json ;\tcharset=utf8;", "application/json;;"])
+async def test_valid_json_content_types(api: Client, ctype: str) -> None:
+    """Quoted values (with a ";" inside), case, tabs and empty parameters are all RFC 9110 and accepted."""
+    resp = await api.post(MESSAGES, data=b'{"phone": "+79991234568", "text": "x"}',
+                          headers={**auth(), "Content-Type": ctype})
+    assert resp.status == 201, await resp.text()
+
+
+@pytest.mark.parametrize("encoding", ["x-foo", "br", "zstd", "gzip, gzip"])
+async def test_unknown_content_encoding_is_415(api: Client, pool: aiopg.Pool, encoding: str) -> None:
+    """A coding the service does not undo is refused, not read as if it were plain."""
     resp = await api.post(MESSAGES, data=b'{"phone": "+79991234568", "text": "x"}', headers={
-        **auth(), "Content-Type": "application/json", "Content-Encoding": "x-foo"})
+        **auth(), "Content-Type": "application/json", "Content-Encoding": encoding})
     assert_problem(resp.status, await resp.json(content_type=None), 415, "unsupported_content_encoding")
+    assert await count_rows(pool) == 0
+
+
+@pytest.mark.parametrize(("encoding", "pack"), [
+    ("gzip", gzip.compress), ("deflate", zlib.compress),
+    ("deflate", lambda data: zlib.compress(data)[2:-4]),  # raw deflate, as some clients send it
+])
+async def test_compressed_bodies_are_inflated(api: Client, encoding: str, pack: Callable[[bytes], bytes]) -> None:
+    """gzip and deflate bodies are read like plain ones."""
+    resp = await api.post(MESSAGES, data=pack(b'{"phone": "+79991234568", "text": "zipped"}'), headers={
+        **auth(), "Content-Type": "application/json", "Content-Encoding": encoding})
+    assert resp.status == 201 and (await resp.json())["text"] == "zipped"
+
+
+async def test_compressed_bodies_are_bounded(api: Client, pool: aiopg.Pool) -> None:
+    """A small body that inflates past the cap is a 413 as soon as the cap is passed (no inflating it all); a
+    gzip stream cut short is a 400; so is a transfer coding other than chunked (a 501)."""
+    bomb = gzip.compress(b" " * (64 * 1024 * 1024))  # 64 MiB of spaces in about 64 KB: over the cap even packed
+    small_bomb = gzip.compress(b'{"text": "' + b" " * (1024 * 1024) + b'"}')  # 1 MiB in 1 KB
+    for body, status in ((small_bomb, 413), (gzip.compress(b'{"phone": "+79991234568", "text": "x"}')[:-5], 400),
+                         (bomb, 413)):
+        resp = await api.post(MESSAGES, data=body, headers={
+            **auth(), "Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert_problem(resp.status, await resp.json(content_type=None), status)
+    body = b'{"phone": "+79991234568", "text": "x"}'
+    reader, writer = await asyncio.open_connection(api.host, api.port)
+    writer.write(b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: SMSAUTH:alice\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                 + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 501 ") and b'"code": "unsupported_transfer_encoding"' in answer, answer
     assert await count_rows(pool) == 0
 
 
@@ -205,6 +255,8 @@ async def test_swagger_ui_files(api: Client) -> None:
                           ("If-Unmodified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")):
         resp = await api.get("/api/static/swagger/swagger-ui.css", headers={header: value})
         assert resp.status == 200 and await resp.read() == whole, (header, value)  # not a bodiless 412 or 416
+    head = await api.head("/api/static/swagger/swagger-ui.css", headers={"Range": "bytes=0-0"})
+    assert head.status == 200 and int(head.headers["Content-Length"]) == len(whole) and await head.read() == b""
 
 
 async def test_huge_body_is_413(api: Client, pool: aiopg.Pool) -> None:

@@ -19,6 +19,10 @@ from api.problems import problem_response
 from common.signals import handle_stop_signals
 
 log = logging.getLogger("smsgate.api")
+# Connections the kernel queues before the API accepts them (capped by net.core.somaxconn).  aiohttp's 128
+# overflowed when a few hundred clients connected at once: the dropped SYNs were retried a second later, so
+# those answers came after the 1 s promise although the API answered them in a few milliseconds.
+LISTEN_BACKLOG = 1024
 
 
 class ProblemRequestHandler(RequestHandler):
@@ -80,7 +84,7 @@ async def serve(app: web.Application, host: str, port: int, **runner_args: Any) 
     runner = AppRunner(app, access_log=None, keepalive_timeout=15, **runner_args)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, shutdown_timeout=5).start()
+        await web.TCPSite(runner, host, port, shutdown_timeout=5, backlog=LISTEN_BACKLOG).start()
         log.info("api listening on http://%s:%s", host, port, extra={"event": "api_started"})
         stop = asyncio.Event()
         handle_stop_signals(asyncio.get_running_loop(), stop.set)

@@ -16,7 +16,7 @@ def docs(**kwargs: Any) -> Callable[[F], F]:
 
 
 def request_schema(schema: Any, **kwargs: Any) -> Callable[[F], F]:
-    """Document the JSON body.  Validation is the view's own (see ``api.views.read_json_object``)."""
+    """Document the JSON body.  Validation is the view's own (see ``api.bodies.read_json_object``)."""
     return cast(Callable[[F], F], aiohttp_apispec.request_schema(schema, **kwargs))
 
 

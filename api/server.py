@@ -60,7 +60,7 @@ class AppRunner(web.AppRunner):
     aiohttp would inflate a gzip or deflate body as its bytes arrive, on the event loop, to any size and whether
     or not a handler ever reads it: a 1 MB body that inflates to 1 GiB, sent to any route, stalled every request
     for two seconds.  The one view that reads a body inflates it itself, bounded (see
-    :func:`api.views.read_json_object`).
+    :func:`api.bodies.read_json_object`).
     """
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:

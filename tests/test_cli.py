@@ -144,16 +144,26 @@ def test_the_api_and_dispatcher_stop_when_run_is_killed(dsn: str, tmp_path: Path
             while len(kids := children_of(proc.pid)) < 2 or not answers(f"http://127.0.0.1:{port}/health"):
                 assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
                 time.sleep(0.1)
-            proc.kill()
-            proc.wait()
-            deadline = time.monotonic() + 15
-            while not all(has_exited(kid) for kid in kids):
-                assert time.monotonic() < deadline, "a child outlived its killed supervisor"
-                time.sleep(0.05)
+            kill_and_watch(proc, kids)
         finally:
-            for kid in kids:
-                if not has_exited(kid):
-                    os.kill(kid, signal.SIGKILL)
+            kill_leftovers(kids)
+
+
+def kill_and_watch(parent: subprocess.Popen[bytes], family: list[int]) -> None:
+    """SIGKILL ``parent``; then every pid of ``family`` must exit within 15 s."""
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while not all(has_exited(pid) for pid in family):
+        assert time.monotonic() < deadline, "a process outlived its killed parent"
+        time.sleep(0.05)
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """SIGKILL whatever of ``pids`` is still running (a failed test must not leave the service behind)."""
+    for pid in pids:
+        if not has_exited(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def answers(url: str) -> bool:
@@ -207,13 +217,6 @@ def test_run_stops_when_its_own_parent_is_killed(dsn: str, tmp_path: Path) -> No
                 assert time.monotonic() < deadline and shell.poll() is None, "the service did not start"
                 time.sleep(0.1)
             family = [runs[0], *children_of(runs[0])]
-            shell.kill()
-            shell.wait()
-            deadline = time.monotonic() + 15
-            while not all(has_exited(pid) for pid in family):
-                assert time.monotonic() < deadline, "run or a child outlived the killed parent"
-                time.sleep(0.05)
+            kill_and_watch(shell, family)
         finally:
-            for pid in family:
-                if not has_exited(pid):
-                    os.kill(pid, signal.SIGKILL)
+            kill_leftovers(family)

@@ -21,6 +21,7 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(rf"[ \t]*{_TOKEN}/{_TOKEN}[ \t]*")
 # name=value, the value a token or a quoted string (each character one way only), then the end or the next ";"
 _PARAMETER = re.compile(rf'(?P<name>{_TOKEN})=(?P<value>{_TOKEN}|"(?:[\t !#-\[\]-~]|\\[\t -~])*")[ \t]*(?:;|$)')
+_QUOTED_PAIR = re.compile(r"\\(.)")
 BODY_ENCODINGS = ("identity", "gzip", "deflate")  # inflated by inflate() below, with zlib
 
 
@@ -36,7 +37,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx problem saying what is wrong with it."""
     if not is_json_utf8(request.headers.get("Content-Type", "")):
         raise Problem(415, "Send the body as application/json (UTF-8).", code="unsupported_media_type")
-    encoding = request.headers.get("Content-Encoding", "identity").strip(" \t").lower()
+    # Repeated lines mean the same as one comma-joined line (RFC 9110), and so does a list: refused below.
+    encoding = ",".join(request.headers.getall("Content-Encoding", ["identity"])).strip(" \t").lower()
     if encoding not in BODY_ENCODINGS:
         raise Problem(415, f"Content-Encoding must be one of: {', '.join(BODY_ENCODINGS)}.",
                       code="unsupported_content_encoding")
@@ -83,7 +85,9 @@ def is_json_utf8(content_type: str) -> bool:
         param = _PARAMETER.match(rest)
         if param is None:
             return False
-        value = param["value"][1:-1] if param["value"].startswith('"') else param["value"]
+        value = param["value"]
+        if value.startswith('"'):
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
         if param["name"].lower() == "charset" and value.lower() not in ("utf-8", "utf8"):
             return False
         rest = rest[param.end():]
@@ -91,16 +95,22 @@ def is_json_utf8(content_type: str) -> bool:
 
 
 def inflate(raw: bytes, encoding: str, *, limit: int) -> bytes:
-    """Undo a gzip or deflate (zlib or raw) body, to at most ``limit`` bytes: 413 past it, 400 when broken."""
+    """Undo a gzip (one member or more, RFC 1952) or deflate (zlib or raw) body, to at most ``limit`` bytes: 413
+    past it, 400 when the stream is broken, cut short or followed by anything else."""
     for wbits in ((zlib.MAX_WBITS | 16,) if encoding == "gzip" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
-        inflater = zlib.decompressobj(wbits)
+        body, rest = b"", raw
         try:
-            body = inflater.decompress(raw, limit + 1)  # never more than the cap, whatever the body claims
+            while True:
+                inflater = zlib.decompressobj(wbits)
+                body += inflater.decompress(rest, limit + 1 - len(body))  # never past the cap (and never 0: no cap)
+                if len(body) > limit:
+                    raise Problem(413, "Request body is too large.", code="payload_too_large")
+                rest = inflater.unused_data
+                if not inflater.eof or not rest or encoding != "gzip":
+                    break
         except zlib.error:
             continue  # deflate: try the raw form next
-        if len(body) > limit:
-            raise Problem(413, "Request body is too large.", code="payload_too_large")
-        if not inflater.eof or inflater.unused_data:
-            break
-        return body
+        if inflater.eof and not rest:
+            return body
+        break
     raise Problem(400, f"The request body is not a complete {encoding} stream.", code="invalid_body")

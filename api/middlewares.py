@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mimetypes
 import re
 import time
 import uuid
@@ -12,6 +11,7 @@ from typing import Any
 
 import aiohttp_apispec
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.typedefs import Handler
 from marshmallow import ValidationError
 
@@ -34,7 +34,6 @@ MAX_STATIC_NAME = 100  # the Swagger UI's own files have short names
 # Conditional and range headers make aiohttp's file responses answer 412 or 416 with no body, outside every
 # middleware; the Swagger UI's files are small and need neither, so such a request gets the whole file.
 STATIC_IGNORED_HEADERS = ("Range", "If-Range", "If-Match", "If-Unmodified-Since")
-STATIC_CHUNK = 64 * 1024
 
 
 @web.middleware
@@ -85,30 +84,33 @@ async def docs_static_middleware(request: web.Request, handler: Handler) -> web.
     if request.path.startswith(SWAGGER_STATIC_PREFIX):
         name = request.path[len(SWAGGER_STATIC_PREFIX):]
         if not name or len(name) > MAX_STATIC_NAME or "/" in name or name.startswith(".") \
-                or not (SWAGGER_STATIC_DIR / name).is_file():
+                or not _is_static_file(SWAGGER_STATIC_DIR / name):
             raise web.HTTPNotFound()
         if any(header in request.headers for header in STATIC_IGNORED_HEADERS):
-            return await whole_file(request, SWAGGER_STATIC_DIR / name)
+            return WholeFileResponse(SWAGGER_STATIC_DIR / name)
     return await handler(request)
 
 
-async def whole_file(request: web.Request, path: Path) -> web.StreamResponse:
-    """``path`` as a 200, streamed in chunks: however many clients ask at once (and read slowly), each holds
-    one chunk in memory, not the file."""
-    response = web.StreamResponse(headers={"Content-Type": mimetypes.guess_type(path.name)[0]
-                                           or "application/octet-stream"})
-    response.content_length = path.stat().st_size
-    await response.prepare(request)
-    if request.method == "HEAD":
-        return response
+def _is_static_file(path: Path) -> bool:
+    """True for an existing file; False for a name the file system refuses (100 characters of UTF-8 can be more
+    than the 255 bytes a file name may have: ENAMETOOLONG)."""
     try:
-        with path.open("rb") as source:
-            while chunk := await asyncio.to_thread(source.read, STATIC_CHUNK):
-                await response.write(chunk)  # waits while the client is slow to read
-        await response.write_eof()
-    except ConnectionError:
-        pass  # the client went away; there is no one left to answer
-    return response
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+class WholeFileResponse(web.FileResponse):
+    """aiohttp's file response (sendfile, ETag, Last-Modified), blind to Range and the preconditions: with those,
+    aiohttp answers 412 or 416 with no body, outside every middleware.  The Swagger UI's files are small and
+    need neither, so such a request gets the whole file, as RFC 9110 allows."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """Prepare for a copy of ``request`` without those headers (it shares the connection's writer)."""
+        headers = request.headers.copy()
+        for header in STATIC_IGNORED_HEADERS:
+            headers.popall(header, None)
+        return await super().prepare(request.clone(headers=headers))
 
 
 async def problems_only(request: web.BaseRequest, response: web.StreamResponse) -> None:

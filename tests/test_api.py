@@ -170,6 +170,7 @@ async def test_undecodable_content_encoding_is_400(api: Client, pool: aiopg.Pool
 
 
 @pytest.mark.parametrize("ctype", ["application/json; foo=\"a;b\"", "application/JSON;charset=\"UTF-8\"",
+                                   "application/json; charset=\"utf\\-8\"",
                                    "application/json ;\tcharset=utf8;", "application/json;;"])
 async def test_valid_json_content_types(api: Client, ctype: str) -> None:
     """Quoted values (with a ";" inside), case, tabs and empty parameters are all RFC 9110 and accepted."""
@@ -190,12 +191,22 @@ async def test_unknown_content_encoding_is_415(api: Client, pool: aiopg.Pool, en
 @pytest.mark.parametrize(("encoding", "pack"), [
     ("gzip", gzip.compress), ("deflate", zlib.compress),
     ("deflate", lambda data: zlib.compress(data)[2:-4]),  # raw deflate, as some clients send it
+    ("gzip", lambda data: gzip.compress(data[:10]) + gzip.compress(data[10:])),  # two members, as `cat a.gz b.gz`
 ])
 async def test_compressed_bodies_are_inflated(api: Client, encoding: str, pack: Callable[[bytes], bytes]) -> None:
     """gzip and deflate bodies are read like plain ones."""
     resp = await api.post(MESSAGES, data=pack(b'{"phone": "+79991234568", "text": "zipped"}'), headers={
         **auth(), "Content-Type": "application/json", "Content-Encoding": encoding})
     assert resp.status == 201 and (await resp.json())["text"] == "zipped"
+
+
+async def test_repeated_content_encoding_lines_are_one_list(api: Client, pool: aiopg.Pool) -> None:
+    """Two Content-Encoding lines mean "identity, gzip" (RFC 9110), a list: refused, not read as the first."""
+    resp = await api.post(MESSAGES, data=gzip.compress(b'{"phone": "+79991234568", "text": "x"}'), headers=[
+        *auth().items(), ("Content-Type", "application/json"), ("Content-Encoding", "identity"),
+        ("Content-Encoding", "gzip")])
+    assert_problem(resp.status, await resp.json(content_type=None), 415, "unsupported_content_encoding")
+    assert await count_rows(pool) == 0
 
 
 async def test_compressed_bodies_are_bounded(api: Client, pool: aiopg.Pool) -> None:
@@ -247,7 +258,7 @@ async def test_head_answers_like_get(api: Client) -> None:
 async def test_swagger_ui_files(api: Client) -> None:
     """The Swagger UI's files are served; a missing one is a 404 problem like any other."""
     assert (await api.get("/api/static/swagger/swagger-ui.css")).status == 200
-    for name in ("nope.js", "", "..%2Fapp.py", "a" * 256):
+    for name in ("nope.js", "", "..%2Fapp.py", "a" * 256, "%E2%82%AC" * 100):  # 100 characters, 300 bytes
         resp = await api.get(f"/api/static/swagger/{name}")
         assert_problem(resp.status, await resp.json(content_type=None), 404)
     whole = await (await api.get("/api/static/swagger/swagger-ui.css")).read()
@@ -255,6 +266,7 @@ async def test_swagger_ui_files(api: Client) -> None:
                           ("If-Unmodified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")):
         resp = await api.get("/api/static/swagger/swagger-ui.css", headers={header: value})
         assert resp.status == 200 and await resp.read() == whole, (header, value)  # not a bodiless 412 or 416
+        assert resp.headers["X-Request-ID"] and resp.headers["ETag"]
     head = await api.head("/api/static/swagger/swagger-ui.css", headers={"Range": "bytes=0-0"})
     assert head.status == 200 and int(head.headers["Content-Length"]) == len(whole) and await head.read() == b""
 

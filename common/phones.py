@@ -45,11 +45,6 @@ def parse_phone(raw: str) -> PhoneNumber:
     return PhoneNumber(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), _region(number))
 
 
-def normalize_phone(raw: str) -> str:
-    """Return ``raw`` as E.164 (``+`` and digits), or raise :class:`InvalidPhone` with the reason."""
-    return parse_phone(raw).e164
-
-
 def region_of(e164: str) -> str | None:
     """The ISO 3166 alpha-2 region of a normalised number, or None when it belongs to no single region."""
     return _region(phonenumbers.parse(e164, None))

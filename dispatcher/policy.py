@@ -70,7 +70,7 @@ def rank_providers(message_id: uuid.UUID, *, region: str | None, providers: Sequ
     """
     def key(p: ProviderSettings) -> tuple[float, int, int, int]:
         rated = snapshot.ratings.get(p.name)
-        if rated is None or rated["rating"] is None or not rated.get("fresh", True):
+        if rated is None or rated["rating"] is None or not rated["fresh"]:
             rating = 1.0
         else:
             rating = float(rated["rating"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.phones import InvalidPhone, PhoneNumber, normalize_phone, parse_phone, region_of
+from common.phones import InvalidPhone, PhoneNumber, parse_phone, region_of
 
 
 @pytest.mark.parametrize(("raw", "e164"), [
@@ -12,7 +12,7 @@ from common.phones import InvalidPhone, PhoneNumber, normalize_phone, parse_phon
 ])
 def test_valid_numbers_become_e164(raw: str, e164: str) -> None:
     """Punctuation people type is tolerated; the result is + and digits."""
-    assert normalize_phone(raw) == e164
+    assert parse_phone(raw).e164 == e164
 
 
 @pytest.mark.parametrize("raw", [
@@ -22,7 +22,7 @@ def test_valid_numbers_become_e164(raw: str, e164: str) -> None:
 def test_invalid_numbers_are_refused(raw: str) -> None:
     """Anything that is not a valid international number in ASCII digits."""
     with pytest.raises(InvalidPhone):
-        normalize_phone(raw)
+        parse_phone(raw)
 
 
 def test_region() -> None:

@@ -38,9 +38,9 @@ RU_ONLY = ProviderSettings(name="ru", type="stub", priority=5, regions=("RU",))
 OFF = ProviderSettings(name="off", type="stub", enabled=False)
 
 
-def rated(**ratings: float) -> dict[str, dict[str, float]]:
-    """Ratings as the routing snapshot holds them."""
-    return {name: {"rating": value} for name, value in ratings.items()}
+def rated(**ratings: float) -> dict[str, dict[str, float | bool]]:
+    """Fresh ratings as the routing snapshot holds them."""
+    return {name: {"rating": value, "fresh": True} for name, value in ratings.items()}
 
 
 @pytest.mark.parametrize(("providers", "region", "ratings", "open_circuits", "exhausted", "current", "expected"), [
